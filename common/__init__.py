@@ -1,0 +1,1 @@
+"""Shared skeleton of the tdagg servers: framing, bucket clock, flush loop and database sink."""

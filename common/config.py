@@ -1,0 +1,204 @@
+"""One frozen configuration object per program, resolved from four layers.
+
+Precedence: defaults < TOML file (``--config``) < ``TDAGG_*`` environment < CLI flags.
+Every value remembers where it came from, for ``--print-config`` and for errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """An invalid setting: names the key, the source and the expected form."""
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT with a port from 0 to 65535")
+    return host.strip("[]"), int(port)
+
+
+def _positive_int(text: Any) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("expected an integer >= 1")
+    return value
+
+
+def _non_negative_float(text: Any) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("expected a finite number >= 0")
+    return value
+
+
+def _text(text: Any) -> str:
+    return str(text)
+
+
+def _optional_text(text: Any) -> str | None:
+    return str(text) if text not in (None, "") else None
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tdagg"
+
+
+def _field(default: Any, parse: Callable[[Any], Any], help: str, form: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "help": help, "form": form})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, int] = _field(
+        ("127.0.0.1", 7410), parse_hostport, "address to accept forwarders on", "HOST:PORT")
+    dsn: str | None = _field(
+        None, _optional_text,
+        "PostgreSQL DSN; without one, PG* variables if PGHOST or PGDATABASE is set, else "
+        "the embedded PostgreSQL in DATA_DIR/pgdata", "DSN")
+    data_dir: Path = _field(
+        default_data_dir(), Path,
+        "directory for the embedded PostgreSQL, shared by both servers", "PATH")
+    bucket_seconds: int = _field(10, _positive_int, "bucket width in seconds", "INT >= 1")
+    grace: float = _field(
+        5.0, _non_negative_float,
+        "seconds after a bucket's end to wait for stragglers before writing it", "SECONDS")
+    flush_interval: float = _field(
+        0.5, _non_negative_float, "how often the flush loop looks for closable buckets",
+        "SECONDS")
+    max_frame_bytes: int = _field(
+        16 * 1024 * 1024, _positive_int, "largest frame accepted", "BYTES")
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class TdServerConfig(ServerConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class NonTdServerConfig(ServerConfig):
+    listen: tuple[str, int] = _field(
+        ("127.0.0.1", 7411), parse_hostport, "address to accept forwarders on", "HOST:PORT")
+
+
+@dataclass(frozen=True)
+class ForwarderConfig:
+    td: tuple[str, int] = _field(
+        ("127.0.0.1", 7410), parse_hostport, "td_server address", "HOST:PORT")
+    non_td: tuple[str, int] = _field(
+        ("127.0.0.1", 7411), parse_hostport, "non_td_server address", "HOST:PORT")
+    run_id: str | None = _field(
+        None, _optional_text, "run id shared by all generators of one test (default: fresh)",
+        "ID")
+    tags: str = _field(
+        "name,method,status,scenario,group", _text,
+        "comma-separated tag keys that split series ('' for one series per metric)", "KEYS")
+    bucket_seconds: int = _field(10, _positive_int, "bucket width; must match the servers",
+                                 "INT >= 1")
+    local_grace: float = _field(
+        2.0, _non_negative_float,
+        "event-time seconds past a bucket's end before its partial is sent", "SECONDS")
+    max_unacked_bytes: int = _field(
+        64 * 1024 * 1024, _positive_int,
+        "unacknowledged bytes held per server before input reading pauses", "BYTES")
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+def _settings(cls: type) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(cls) if f.name != "sources"]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per setting, defaulting to None so that given flags are known."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every effective setting with its source and exit")
+    for f in _settings(cls):
+        flag = "--" + f.name.replace("_", "-")
+        shown = f.default
+        if isinstance(shown, tuple):
+            shown = f"{shown[0]}:{shown[1]}"
+        parser.add_argument(flag, dest=f.name, default=None, metavar=f.metadata["form"],
+                            help=f"{f.metadata['help']} (default: {shown}; "
+                                 f"env TDAGG_{f.name.upper()})")
+
+
+def resolve(cls: type, args: argparse.Namespace, environ: Mapping[str, str]) -> Any:
+    """Build the frozen config: defaults < TOML < TDAGG_* env < CLI."""
+    raw: dict[str, tuple[Any, str]] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        known = {f.name for f in _settings(cls)}
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"config file {path}: unknown key {key!r}")
+            raw[name] = (value, f"file {path}")
+    for f in _settings(cls):
+        env_name = f"TDAGG_{f.name.upper()}"
+        if env_name in environ:
+            raw[f.name] = (environ[env_name], f"env {env_name}")
+        cli = getattr(args, f.name, None)
+        if cli is not None:
+            raw[f.name] = (cli, "flag --" + f.name.replace("_", "-"))
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in _settings(cls):
+        if f.name not in raw:
+            sources[f.name] = "default"
+            continue
+        value, source = raw[f.name]
+        try:
+            values[f.name] = f.metadata["parse"](value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"{f.name} = {value!r} from {source}: {exc or 'invalid'}; "
+                f"expected {f.metadata['form']}"
+            ) from None
+        sources[f.name] = source
+    return cls(**values, sources=sources)
+
+
+def describe(config: Any) -> str:
+    lines = []
+    for f in _settings(type(config)):
+        value = getattr(config, f.name)
+        if isinstance(value, tuple):
+            value = f"{value[0]}:{value[1]}"
+        lines.append(f"{f.name} = {value!s}  # {config.sources.get(f.name, 'default')}")
+    return "\n".join(lines)
+
+
+def load(cls: type, prog: str, description: str, argv: Sequence[str] | None,
+         environ: Mapping[str, str] | None = None,
+         extra: Callable[[argparse.ArgumentParser], None] | None = None,
+         ) -> tuple[Any, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, cls)
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = resolve(cls, args, os.environ if environ is None else environ)
+    except ConfigError as exc:
+        parser.exit(2, f"{prog}: error: {exc}\n")
+    if args.print_config:
+        print(describe(config))
+        parser.exit(0)
+    return config, args

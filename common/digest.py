@@ -1,0 +1,87 @@
+"""The one module that knows the t-digest library.
+
+Everything outside this module sees a digest as a library-neutral float64 array of shape
+(n, 2): rows of (mean, weight), sorted by mean. On the wire and in the database that
+array is stored as little-endian float64 pairs ``mean0, weight0, mean1, weight1, ...``
+(16 bytes per centroid), so changing the library later breaks no stored data.
+
+Library choice (measured, see docs/DIGEST_ACCURACY.md): fastdigest with at most
+``MAX_CENTROIDS`` centroids. pytdigest interpolates across point masses such as the
+exact zeros k6 reports for ``http_req_connecting`` on reused connections and misses the
+rank criterion there at any compression; fastdigest does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import fastdigest
+import numpy as np
+import numpy.typing as npt
+
+# Same value in the forwarder and both servers, so every partial has the same shape.
+MAX_CENTROIDS = 150
+
+Centroids = npt.NDArray[np.float64]
+_LE_F64 = np.dtype("<f8")
+EMPTY: Centroids = np.zeros((0, 2), dtype=np.float64)
+
+
+def _build(values: Any, weights: Any = None) -> fastdigest.TDigest:
+    return fastdigest.TDigest.from_values(values, weights, max_centroids=MAX_CENTROIDS)
+
+
+def from_values(values: Sequence[float] | npt.NDArray[np.float64]) -> Centroids:
+    """Compress raw samples into centroids."""
+    if len(values) == 0:
+        return EMPTY
+    digest = _build(values)
+    return np.asarray(digest.centroids, dtype=np.float64).reshape(-1, 2)
+
+
+def merge(parts: Sequence[Centroids]) -> Centroids:
+    """Merge several centroid arrays into one digest of at most MAX_CENTROIDS centroids."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return EMPTY
+    if len(parts) == 1 and len(parts[0]) <= MAX_CENTROIDS:
+        return parts[0]
+    stacked = np.concatenate(parts)
+    digest = _build(stacked[:, 0], stacked[:, 1])
+    return np.asarray(digest.centroids, dtype=np.float64).reshape(-1, 2)
+
+
+def quantiles(
+    centroids: Centroids, qs: Sequence[float], lo: float, hi: float
+) -> list[float]:
+    """Quantiles of a digest, clamped to the exact min and max tracked beside it."""
+    if len(centroids) == 0:
+        return [float("nan")] * len(qs)
+    digest = _build(centroids[:, 0], centroids[:, 1])
+    return [min(max(v, lo), hi) for v in digest.quantile_vec(list(qs))]
+
+
+def encode(centroids: Centroids) -> bytes:
+    """(n, 2) centroids to little-endian float64 (mean, weight) pairs."""
+    return np.ascontiguousarray(centroids, dtype=_LE_F64).tobytes()
+
+
+def decode(data: bytes) -> Centroids:
+    """Inverse of encode; raises ValueError when the length is not a whole number of pairs."""
+    if len(data) % 16:
+        raise ValueError(f"digest length {len(data)} is not a multiple of 16 bytes")
+    return np.frombuffer(data, dtype=_LE_F64).astype(np.float64).reshape(-1, 2)
+
+
+def check(centroids: Centroids) -> str | None:
+    """Why a decoded digest is unacceptable, or None: finite, positive weights, sorted means."""
+    if len(centroids) == 0:
+        return "empty digest"
+    if not np.isfinite(centroids).all():
+        return "non-finite centroid"
+    if (centroids[:, 1] <= 0).any():
+        return "non-positive centroid weight"
+    if len(centroids) > 1 and (np.diff(centroids[:, 0]) < 0).any():
+        return "centroids not sorted by mean"
+    return None

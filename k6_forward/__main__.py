@@ -1,0 +1,148 @@
+"""k6-forward: read k6 ``--out json`` lines, aggregate per (series, bucket), send partials.
+
+    k6 run --out json=- script.js | k6-forward --run-id checkout-test
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import IO, Any
+
+from common import protocol
+from common.cli import run_loop
+from common.config import ForwarderConfig, load
+from k6_forward.lines import LineAggregator
+from k6_forward.link import LinkRefused, ServerLink
+
+CHUNK_BYTES = 1 << 20
+IDLE_FLUSH_SECONDS = 2.0
+
+EPILOG = """\
+Trend metrics go to td-server as t-digest partials; counters, gauges and rates go to
+non-td-server as sums. A bucket's partial is sent once event time (the k6 timestamps)
+has moved LOCAL_GRACE seconds past its end, when input has been idle for 2 s, and at end
+of input; stragglers are sent as further partials. The forwarder exits 0 once both
+servers have acknowledged everything it read. It never drops data: when the servers fall
+behind, it stops reading its input and k6 waits on the pipe.
+"""
+
+
+def _open(path: str) -> IO[bytes]:
+    if path == "-":
+        return sys.stdin.buffer
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115 - closed by the caller
+
+
+async def read_chunks(paths: Sequence[str]) -> AsyncIterator[bytes | None]:
+    """Yield input chunks; yield None when no input arrived for IDLE_FLUSH_SECONDS."""
+    loop = asyncio.get_running_loop()
+    for path in paths or ["-"]:
+        stream = _open(path)
+        read = getattr(stream, "read1", stream.read)
+        try:
+            while True:
+                pending = loop.run_in_executor(None, read, CHUNK_BYTES)
+                while True:
+                    done, _ = await asyncio.wait({pending}, timeout=IDLE_FLUSH_SECONDS)
+                    if done:
+                        break
+                    yield None
+                chunk = pending.result()
+                if not chunk:
+                    break
+                yield chunk
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+
+
+class Forwarder:
+    def __init__(self, config: ForwarderConfig, run_id: str, producer: str) -> None:
+        self.config = config
+        tag_keys = tuple(k.strip() for k in config.tags.split(",") if k.strip())
+        self.lines = LineAggregator(tag_keys, config.bucket_seconds)
+        self.td = ServerLink("td-server", config.td, producer, run_id, protocol.ROLE_TD,
+                             config.max_unacked_bytes)
+        self.non_td = ServerLink("non-td-server", config.non_td, producer, run_id,
+                                 protocol.ROLE_NON_TD, config.max_unacked_bytes)
+        self.items_sent = 0
+
+    async def send(self, closed: tuple[list[Any], list[Any]]) -> None:
+        trends, counters = closed
+        if trends:
+            await self.td.send_items([protocol.trend_item(p) for p in trends])
+        if counters:
+            await self.non_td.send_items([protocol.counter_item(p) for p in counters])
+        self.items_sent += len(trends) + len(counters)
+
+    async def run(self, paths: Sequence[str]) -> None:
+        self.td.start()
+        self.non_td.start()
+        carry = b""
+        grace = self.config.local_grace
+        async for chunk in read_chunks(paths):
+            if chunk is None:
+                await self.send(self.lines.close_all())
+                continue
+            parts = (carry + chunk).split(b"\n")
+            carry = parts.pop()
+            self.lines.feed(parts)
+            await self.send(self.lines.close_ready(grace))
+        if carry.strip():
+            # k6 was cut off mid-line: the fragment is reported and counted, not parsed.
+            self.lines.lines += 1
+            self.lines.skip(self.lines.lines, "truncated_line",
+                            f"input ended inside a line ({len(carry)} bytes without newline)")
+        await self.send(self.lines.close_all())
+        await self.td.wait_acked()
+        await self.non_td.wait_acked()
+
+    def summary(self) -> str:
+        skipped = sum(self.lines.skipped.values())
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.lines.skipped.items()))
+        return (f"k6-forward: done: {self.lines.lines} lines read, {self.lines.samples} samples "
+                f"in {self.items_sent} partials sent and acknowledged, {skipped} lines skipped"
+                + (f" ({reasons})" if reasons else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def extra(parser: Any) -> None:
+        parser.add_argument("inputs", nargs="*", metavar="FILE",
+                            help="k6 JSON files (.gz accepted); default: standard input")
+        parser.epilog = EPILOG
+
+    config, args = load(ForwarderConfig, "k6-forward",
+                        "Forward a k6 --out json stream to td-server and non-td-server.",
+                        argv, extra=extra)
+    run_id = config.run_id or f"run-{uuid.uuid4().hex[:12]}"
+    if not config.run_id:
+        print(f"k6-forward: run id {run_id}", file=sys.stderr, flush=True)
+    producer = uuid.uuid4().hex
+    forwarder = Forwarder(config, run_id, producer)
+
+    async def go() -> int:
+        try:
+            await forwarder.run(args.inputs)
+        except LinkRefused as exc:
+            print(f"k6-forward: error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"k6-forward: error: cannot read input: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await forwarder.td.close()
+            await forwarder.non_td.close()
+        print(forwarder.summary(), file=sys.stderr, flush=True)
+        return 0
+
+    return run_loop(go())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

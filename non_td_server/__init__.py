@@ -1,0 +1,1 @@
+"""non_td_server: sums counters, rates and gauges per (series, bucket)."""

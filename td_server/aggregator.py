@@ -1,0 +1,76 @@
+"""Trend aggregation: merge digests, keep count, sum, min and max exact beside them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import digest
+from common.aggregate import BucketKey
+from common.protocol import ROLE_TD, Limits, TrendPartial, parse_trend_item
+
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+# Merging is deferred: parts pile up and are compressed only past this many.
+_COMPACT_AFTER = 32
+
+
+class TrendState:
+    __slots__ = ("count", "total", "lo", "hi", "parts")
+
+    def __init__(self, count: int, total: float, lo: float, hi: float,
+                 parts: list[digest.Centroids]) -> None:
+        self.count = count
+        self.total = total
+        self.lo = lo
+        self.hi = hi
+        self.parts = parts
+
+    def merge_digest(self, centroids: digest.Centroids) -> None:
+        self.parts.append(centroids)
+        if len(self.parts) > _COMPACT_AFTER:
+            self.parts = [digest.merge(self.parts)]
+
+
+class TrendAggregator:
+    role = ROLE_TD
+    table = "trend_buckets"
+    value_columns = ("count", "sum", "min", "max", "mean", "p50", "p90", "p95", "p99", "digest")
+    stored_columns = ("count", "sum", "min", "max", "digest")
+
+    def parse_item(self, item: object, limits: Limits) -> TrendPartial:
+        return parse_trend_item(item, limits)
+
+    def key_of(self, run_id: str, partial: TrendPartial) -> BucketKey:
+        return (run_id, partial.metric, partial.tags, partial.bucket)
+
+    def samples(self, partial: TrendPartial) -> int:
+        return partial.samples
+
+    def new_state(self, partial: TrendPartial, producer: str) -> TrendState:
+        return TrendState(partial.samples, partial.total, partial.lo, partial.hi,
+                          [partial.centroids])
+
+    def add(self, state: TrendState, partial: TrendPartial, producer: str) -> None:
+        state.count += partial.samples
+        state.total += partial.total
+        state.lo = min(state.lo, partial.lo)
+        state.hi = max(state.hi, partial.hi)
+        state.merge_digest(partial.centroids)
+
+    def absorb(self, state: TrendState, other: TrendState) -> None:
+        state.count += other.count
+        state.total += other.total
+        state.lo = min(state.lo, other.lo)
+        state.hi = max(state.hi, other.hi)
+        for part in other.parts:
+            state.merge_digest(part)
+
+    def from_stored(self, stored: Any) -> TrendState:
+        count, total, lo, hi, blob = stored
+        return TrendState(count, total, lo, hi, [digest.decode(blob)])
+
+    def values(self, state: TrendState) -> tuple[Any, ...]:
+        merged = digest.merge(state.parts)
+        state.parts = [merged]
+        p50, p90, p95, p99 = digest.quantiles(merged, QUANTILES, state.lo, state.hi)
+        return (state.count, state.total, state.lo, state.hi, state.total / state.count,
+                p50, p90, p95, p99, digest.encode(merged))
