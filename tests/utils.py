@@ -1,0 +1,79 @@
+"""Test helpers: in-process servers on loopback port 0 and a minimal protocol client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from common import protocol
+from common.aggregate import Aggregator
+from common.config import ServerConfig
+from common.server import AggregatorServer
+from non_td_server.aggregator import CounterAggregator
+from td_server.aggregator import TrendAggregator
+
+
+@contextlib.asynccontextmanager
+async def run_server(dsn: str, role: str = protocol.ROLE_TD,
+                     **settings: Any) -> AsyncIterator[AggregatorServer]:
+    """A real server on 127.0.0.1:0 in this event loop; ordered shutdown on exit."""
+    aggregator: Aggregator[Any, Any] = (
+        TrendAggregator() if role == protocol.ROLE_TD else CounterAggregator())
+    settings.setdefault("flush_interval", 0.05)
+    config = ServerConfig(listen=("127.0.0.1", 0), dsn=dsn, **settings)
+    server = AggregatorServer(config, aggregator, dsn, dsn)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+class Client:
+    """Speaks the wire protocol directly, for tests of the servers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = protocol.FrameDecoder()
+        self.pending: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int], role: str = protocol.ROLE_TD,
+                      run_id: str = "run", producer: str | None = None) -> Client:
+        reader, writer = await asyncio.open_connection(*address)
+        client = cls(reader, writer)
+        writer.write(protocol.hello(producer or uuid.uuid4().hex, run_id, role))
+        welcome = await client.receive()
+        assert welcome["type"] == "welcome", welcome
+        return client
+
+    async def receive(self, timeout: float = 10.0) -> dict[str, Any]:
+        while not self.pending:
+            chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not chunk:
+                raise ConnectionResetError("server closed the connection")
+            self.pending.extend(protocol.unpack(b) for b in self.decoder.feed(chunk))
+        return self.pending.pop(0)
+
+    async def send(self, seq: int, items: list[list[Any]]) -> dict[str, Any]:
+        """Send one data frame and return the server's answer (ack or error)."""
+        self.writer.write(protocol.data(seq, items))
+        return await self.receive()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.05)
