@@ -6,7 +6,7 @@ import os
 import tempfile
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -38,7 +38,7 @@ def pg_admin_dsn(pg_server: object) -> str:
 
 
 @pytest.fixture
-async def dsn(pg_server: object, pg_admin_dsn: str) -> AsyncIterator[str]:
+async def dsn(pg_server: object, pg_admin_dsn: str) -> str:
     """DSN of a new, empty database for this test only."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     conn = await asyncpg.connect(pg_admin_dsn)
@@ -46,4 +46,4 @@ async def dsn(pg_server: object, pg_admin_dsn: str) -> AsyncIterator[str]:
         await conn.execute(f"CREATE DATABASE {name}")
     finally:
         await conn.close()
-    yield str(pg_server.get_uri(database=name))  # type: ignore[attr-defined]
+    return str(pg_server.get_uri(database=name))  # type: ignore[attr-defined]

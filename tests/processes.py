@@ -31,10 +31,10 @@ class Proc:
     address: tuple[str, int]
     stderr_lines: list[bytes]
 
-    async def stop(self, timeout: float = 30.0) -> int:
+    async def stop(self, within: float = 30.0) -> int:
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.process.wait(), timeout)
+        return await asyncio.wait_for(self.process.wait(), within)
 
 
 async def _drain(stream: asyncio.StreamReader, sink: list[bytes]) -> None:

@@ -90,7 +90,8 @@ async def test_two_generators_accurate_and_exact(dsn: str, tmp_path: Path) -> No
         values = np.array([v for pts in sources.values() for _, v in pts], dtype=float)
         row = trend_rows[key]
         assert row["count"] == len(values), key
-        assert row["min"] == values.min() and row["max"] == values.max(), key
+        assert row["min"] == values.min(), key
+        assert row["max"] == values.max(), key
         assert row["sum"] == pytest.approx(values.sum(), rel=1e-9, abs=1e-9), key
         assert digest.decode(row["digest"])[:, 1].sum() == pytest.approx(len(values))
         if len(values) >= 1000:
@@ -107,7 +108,8 @@ async def test_two_generators_accurate_and_exact(dsn: str, tmp_path: Path) -> No
         kind = kinds[key[0]]
         assert row["metric_type"] == kind
         assert row["count"] == len(values), key
-        assert row["min"] == min(values) and row["max"] == max(values), key
+        assert row["min"] == min(values), key
+        assert row["max"] == max(values), key
         if kind == "counter":
             assert row["value"] == sum(values), key
         elif kind == "rate":

@@ -103,7 +103,8 @@ async def test_late_data_merges_into_stored_row(dsn: str) -> None:
     assert len(rows) == 1
     both = np.concatenate([first, late])
     assert rows[0]["count"] == 4000
-    assert rows[0]["min"] == both.min() and rows[0]["max"] == both.max()
+    assert rows[0]["min"] == both.min()
+    assert rows[0]["max"] == both.max()
     assert within_criterion(both, 0.9, rows[0]["p90"])
 
 
@@ -129,11 +130,14 @@ async def test_counters_gauges_rates(dsn: str) -> None:
         await a.close()
         await b.close()
     rows = {r["metric"]: r for r in await fetch(dsn, "SELECT * FROM counter_buckets")}
-    assert rows["reqs"]["value"] == 5 and rows["reqs"]["count"] == 5
-    assert rows["ok"]["nonzero"] == 3 and rows["ok"]["count"] == 6
+    assert rows["reqs"]["value"] == 5
+    assert rows["reqs"]["count"] == 5
+    assert rows["ok"]["nonzero"] == 3
+    assert rows["ok"]["count"] == 6
     assert rows["ok"]["value"] == pytest.approx(3 / 6)
     assert rows["vus"]["value"] == 5 + 2
-    assert rows["vus"]["min"] == 2 and rows["vus"]["max"] == 40
+    assert rows["vus"]["min"] == 2
+    assert rows["vus"]["max"] == 40
     assert rows["vus"]["metric_type"] == "gauge"
 
 
@@ -157,7 +161,8 @@ async def test_bad_frames_are_refused_and_others_unharmed(dsn: str) -> None:
         good = await Client.connect(server.address, run_id="good")
         bad = await Client.connect(server.address, run_id="bad")
         answer = await bad.send(1, [["m", {}, OLD_BUCKET, 10, 1, 1.0, 1.0, 1.0, b"\x00" * 15]])
-        assert answer["type"] == "error" and answer["reason"] == "bad_digest"
+        assert answer["type"] == "error"
+        assert answer["reason"] == "bad_digest"
         answer = await bad.send(2, [["m", {}, OLD_BUCKET + 3, 10, 1, 1.0, 1.0, 1.0,
                                      digest.encode(digest.from_values([1.0]))]])
         assert answer["reason"] == "unaligned_bucket"

@@ -51,9 +51,9 @@ class Client:
         assert welcome["type"] == "welcome", welcome
         return client
 
-    async def receive(self, timeout: float = 10.0) -> dict[str, Any]:
+    async def receive(self, within: float = 10.0) -> dict[str, Any]:
         while not self.pending:
-            chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+            chunk = await asyncio.wait_for(self.reader.read(65536), within)
             if not chunk:
                 raise ConnectionResetError("server closed the connection")
             self.pending.extend(protocol.unpack(b) for b in self.decoder.feed(chunk))
@@ -70,9 +70,9 @@ class Client:
             await self.writer.wait_closed()
 
 
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+async def wait_until(predicate: Any, within: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not await predicate():
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
