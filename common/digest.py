@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 # Same value in the forwarder and both servers, so every partial has the same shape.
-MAX_CENTROIDS = 150
+MAX_CENTROIDS = 300
 
 Centroids = npt.NDArray[np.float64]
 _LE_F64 = np.dtype("<f8")
