@@ -48,31 +48,56 @@ class Aggregator(Protocol[P, S]):
     def samples(self, partial: P) -> int: ...
 
 
+class Entry(Generic[S]):
+    """A bucket state with the write-ahead-log span it holds.
+
+    ``first_segment`` keeps the log segments it came from alive until it is written;
+    ``last_position`` is stored with the row, so that a replay after a crash skips what
+    the row already contains.
+    """
+
+    __slots__ = ("state", "first_segment", "last_position")
+
+    def __init__(self, state: S, first_segment: int, last_position: int) -> None:
+        self.state = state
+        self.first_segment = first_segment
+        self.last_position = last_position
+
+
 class OpenBuckets(Generic[P, S]):
     """Open bucket states keyed by BucketKey, with the swap that closes them."""
 
     def __init__(self, aggregator: Aggregator[P, S], bucket_seconds: int) -> None:
         self.aggregator = aggregator
         self.bucket_seconds = bucket_seconds
-        self.states: dict[BucketKey, S] = {}
+        self.entries: dict[BucketKey, Entry[S]] = {}
 
-    def merge(self, run_id: str, producer: str, partial: P) -> None:
+    def merge(self, run_id: str, producer: str, partial: P, position: int = 0,
+              segment: int = 0) -> None:
         key = self.aggregator.key_of(run_id, partial)
-        state = self.states.get(key)
-        if state is None:
-            self.states[key] = self.aggregator.new_state(partial, producer)
+        entry = self.entries.get(key)
+        if entry is None:
+            self.entries[key] = Entry(self.aggregator.new_state(partial, producer), segment,
+                                      position)
         else:
-            self.aggregator.add(state, partial, producer)
+            self.aggregator.add(entry.state, partial, producer)
+            entry.last_position = max(entry.last_position, position)
 
-    def take_closable(self, now: float, grace: float) -> dict[BucketKey, S]:
+    def take_closable(self, now: float, grace: float) -> dict[BucketKey, Entry[S]]:
         """Swap out every bucket whose end + grace has passed (wall clock)."""
         close_before = now - grace - self.bucket_seconds
-        closable = [key for key in self.states if key[3] <= close_before]
-        return {key: self.states.pop(key) for key in closable}
+        closable = [key for key in self.entries if key[3] <= close_before]
+        return {key: self.entries.pop(key) for key in closable}
 
-    def take_all(self) -> dict[BucketKey, S]:
-        states, self.states = self.states, {}
-        return states
+    def take_all(self) -> dict[BucketKey, Entry[S]]:
+        entries, self.entries = self.entries, {}
+        return entries
 
     def __len__(self) -> int:
-        return len(self.states)
+        return len(self.entries)
+
+
+def absorb_entry(aggregator: Aggregator[Any, S], into: Entry[S], other: Entry[S]) -> None:
+    aggregator.absorb(into.state, other.state)
+    into.first_segment = min(into.first_segment, other.first_segment)
+    into.last_position = max(into.last_position, other.last_position)

@@ -20,14 +20,19 @@ class ConfigError(Exception):
     """An invalid setting: names the key, the source and the expected form."""
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
+def parse_hostport(text: Any) -> tuple[str, int]:
+    if not isinstance(text, str):
+        raise ValueError("expected a string")
+    host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("expected HOST:PORT with a port from 0 to 65535")
     return host.strip("[]"), int(port)
 
 
 def _positive_int(text: Any) -> int:
+    # TOML gives typed values: refuse bool and float rather than truncate them.
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        raise ValueError(f"expected an integer, got {type(text).__name__}")
     value = int(text)
     if value < 1:
         raise ValueError("expected an integer >= 1")
@@ -35,6 +40,8 @@ def _positive_int(text: Any) -> int:
 
 
 def _non_negative_float(text: Any) -> float:
+    if isinstance(text, bool) or not isinstance(text, int | float | str):
+        raise ValueError(f"expected a number, got {type(text).__name__}")
     value = float(text)
     if not value >= 0 or value == float("inf"):
         raise ValueError("expected a finite number >= 0")
@@ -42,11 +49,32 @@ def _non_negative_float(text: Any) -> float:
 
 
 def _text(text: Any) -> str:
-    return str(text)
+    if isinstance(text, list) and all(isinstance(t, str) for t in text):
+        return ",".join(text)  # tags = ["name", "method"] in TOML
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {type(text).__name__}")
+    return text
 
 
 def _optional_text(text: Any) -> str | None:
-    return str(text) if text not in (None, "") else None
+    if text is None or text == "":
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {type(text).__name__}")
+    return text
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return str(text)
+    return parse
+
+
+def _optional_path(text: Any) -> Path | None:
+    value = _optional_text(text)
+    return Path(value) if value else None
 
 
 def default_data_dir() -> Path:
@@ -67,7 +95,7 @@ class ServerConfig:
         "PostgreSQL DSN; without one, PG* variables if PGHOST or PGDATABASE is set, else "
         "the embedded PostgreSQL in DATA_DIR/pgdata", "DSN")
     data_dir: Path = _field(
-        default_data_dir(), Path,
+        default_data_dir(), lambda text: Path(_text(text)),
         "directory for the embedded PostgreSQL, shared by both servers", "PATH")
     bucket_seconds: int = _field(10, _positive_int, "bucket width in seconds", "INT >= 1")
     grace: float = _field(
@@ -76,8 +104,30 @@ class ServerConfig:
     flush_interval: float = _field(
         0.5, _non_negative_float, "how often the flush loop looks for closable buckets",
         "SECONDS")
+    state_dir: Path | None = _field(
+        None, _optional_path,
+        "directory for the write-ahead log and the dedup table (default: DATA_DIR/td_server "
+        "or DATA_DIR/non_td_server)", "PATH")
+    wal_fsync: str = _field(
+        "always", _choice("always", "off"),
+        "'always': fsync the log before acknowledging (survives kill -9 and power loss); "
+        "'off': hand it to the OS only (survives kill -9 of the server, not an OS crash)",
+        "always|off")
     max_frame_bytes: int = _field(
         16 * 1024 * 1024, _positive_int, "largest frame accepted", "BYTES")
+    max_items_per_frame: int = _field(100_000, _positive_int, "items per data frame", "INT")
+    max_name_length: int = _field(
+        200, _positive_int, "longest metric name, run id or producer id", "CHARS")
+    max_tags: int = _field(32, _positive_int, "tags per series", "INT")
+    max_tag_length: int = _field(256, _positive_int, "longest tag key or value", "CHARS")
+    max_series_per_run: int = _field(
+        100_000, _positive_int, "distinct (metric, tags) series accepted per run id", "INT")
+    max_bucket_age: float = _field(
+        7 * 24 * 3600.0, _non_negative_float,
+        "oldest bucket accepted, in seconds before now", "SECONDS")
+    max_bucket_ahead: float = _field(
+        3600.0, _non_negative_float,
+        "newest bucket accepted, in seconds after now (clock skew)", "SECONDS")
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 

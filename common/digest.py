@@ -40,6 +40,18 @@ def from_values(values: Sequence[float] | npt.NDArray[np.float64]) -> Centroids:
     return np.asarray(digest.centroids, dtype=np.float64).reshape(-1, 2)
 
 
+def split_zeros(values: Sequence[float] | npt.NDArray[np.float64]) -> tuple[Centroids, int]:
+    """(digest of the non-zero values, exact count of zeros).
+
+    k6 timing metrics are full of exact zeros (``http_req_connecting`` on reused
+    connections). A t-digest smears such a point mass into its neighbours, so the zeros
+    are counted exactly beside the digest and only the rest is compressed.
+    """
+    array = np.asarray(values, dtype=np.float64)
+    nonzero = array[array != 0.0]
+    return from_values(nonzero), len(array) - len(nonzero)
+
+
 def merge(parts: Sequence[Centroids]) -> Centroids:
     """Merge several centroid arrays into one digest of at most MAX_CENTROIDS centroids."""
     parts = [p for p in parts if len(p)]
@@ -53,13 +65,37 @@ def merge(parts: Sequence[Centroids]) -> Centroids:
 
 
 def quantiles(
-    centroids: Centroids, qs: Sequence[float], lo: float, hi: float
+    centroids: Centroids, qs: Sequence[float], lo: float, hi: float, zeros: int = 0
 ) -> list[float]:
-    """Quantiles of a digest, clamped to the exact min and max tracked beside it."""
-    if len(centroids) == 0:
-        return [float("nan")] * len(qs)
+    """Quantiles of a digest plus ``zeros`` exact zeros, clamped to the exact min and max.
+
+    The rank q * n is located among: the negative values (from the digest), then the
+    zeros (exact), then the positive values (from the digest).
+    """
+    weight = float(centroids[:, 1].sum()) if len(centroids) else 0.0
+    if weight == 0.0:
+        return [0.0 if zeros else float("nan")] * len(qs)
     digest = _build(centroids[:, 0], centroids[:, 1])
-    return [min(max(v, lo), hi) for v in digest.quantile_vec(list(qs))]
+    if not zeros:
+        return [min(max(v, lo), hi) for v in digest.quantile_vec(list(qs))]
+    if lo >= 0.0:
+        negative = 0.0
+    elif hi <= 0.0:
+        negative = weight
+    else:
+        negative = digest.cdf(0.0) * weight
+    total = weight + zeros
+    result = []
+    for q in qs:
+        rank = q * total
+        if rank <= negative:
+            value = digest.quantile(min(rank / weight, 1.0))
+        elif rank <= negative + zeros:
+            value = 0.0
+        else:
+            value = digest.quantile(min((rank - zeros) / weight, 1.0))
+        result.append(min(max(value, lo), hi))
+    return result
 
 
 def encode(centroids: Centroids) -> bytes:
@@ -82,6 +118,7 @@ def check(centroids: Centroids) -> str | None:
         return "non-finite centroid"
     if (centroids[:, 1] <= 0).any():
         return "non-positive centroid weight"
-    if len(centroids) > 1 and (np.diff(centroids[:, 0]) < 0).any():
+    # Compared pairwise rather than with np.diff, which overflows on +-1e308 means.
+    if len(centroids) > 1 and (centroids[1:, 0] < centroids[:-1, 0]).any():
         return "centroids not sorted by mean"
     return None

@@ -59,6 +59,7 @@ class TrendPartial(NamedTuple):
     lo: float
     hi: float
     centroids: digest.Centroids
+    zeros: int = 0
 
 
 class CounterPartial(NamedTuple):
@@ -122,7 +123,7 @@ def error(reason: str, detail: str, seq: int | None = None, fatal: bool = False)
 
 def trend_item(p: TrendPartial) -> list[Any]:
     return [p.metric, dict(p.tags), p.bucket, p.bucket_seconds, p.samples, p.total, p.lo, p.hi,
-            digest.encode(p.centroids)]
+            digest.encode(p.centroids), p.zeros]
 
 
 def counter_item(p: CounterPartial) -> list[Any]:
@@ -246,11 +247,14 @@ def parse_data(message: dict[str, Any], limits: Limits) -> Data:
 
 
 def parse_trend_item(item: object, limits: Limits) -> TrendPartial:
-    if not isinstance(item, list) or len(item) != 9:
-        raise Refused("bad_item", "a trend item is a list of 9 fields")
-    metric, tags, bucket, width, count, total, lo, hi, blob = item
+    if not isinstance(item, list) or len(item) != 10:
+        raise Refused("bad_item", "a trend item is a list of 10 fields")
+    metric, tags, bucket, width, count, total, lo, hi, blob, zero_count = item
     start, seconds = _bucket(bucket, width)
     n = _int(count, "count", 1)
+    zeros = _int(zero_count, "zeros")
+    if zeros > n:
+        raise Refused("bad_field", "zeros is greater than count")
     if not isinstance(blob, bytes):
         raise Refused("bad_field", "digest must be binary")
     if len(blob) > 16 * limits.max_centroids:
@@ -259,17 +263,19 @@ def parse_trend_item(item: object, limits: Limits) -> TrendPartial:
         centroids = digest.decode(blob)
     except ValueError as exc:
         raise Refused("bad_digest", str(exc)) from None
-    problem = digest.check(centroids)
+    problem = digest.check(centroids) if len(centroids) or zeros < n else None
     if problem:
         raise Refused("bad_digest", problem)
     low, high = _finite(lo, "min"), _finite(hi, "max")
     if low > high:
         raise Refused("bad_field", "min is greater than max")
-    weight = float(np.sum(centroids[:, 1]))
-    if abs(weight - n) > 1e-6 * n:
-        raise Refused("bad_digest", f"centroid weights sum to {weight}, count is {n}")
+    with np.errstate(over="ignore"):  # absurd weights overflow to inf and are refused below
+        weight = float(np.sum(centroids[:, 1]))
+    if not abs(weight + zeros - n) <= 1e-6 * n:
+        raise Refused("bad_digest",
+                      f"centroid weights sum to {weight} with {zeros} zeros, count is {n}")
     return TrendPartial(_text(metric, "metric", limits.max_name_length), _tags(tags, limits),
-                        start, seconds, n, _finite(total, "sum"), low, high, centroids)
+                        start, seconds, n, _finite(total, "sum"), low, high, centroids, zeros)
 
 
 def parse_counter_item(item: object, limits: Limits) -> CounterPartial:

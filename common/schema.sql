@@ -1,4 +1,6 @@
 -- Idempotent schema; run under an advisory lock so both servers may start at once.
+-- wal_pos is the servers' own bookkeeping: the last write-ahead-log position merged
+-- into the row, so that a replay after a crash does not count a frame twice.
 CREATE TABLE IF NOT EXISTS trend_buckets (
     bucket          timestamptz      NOT NULL,
     bucket_seconds  integer          NOT NULL,
@@ -15,6 +17,8 @@ CREATE TABLE IF NOT EXISTS trend_buckets (
     p95             double precision NOT NULL,
     p99             double precision NOT NULL,
     digest          bytea            NOT NULL,
+    zeros           bigint           NOT NULL DEFAULT 0,
+    wal_pos         bigint           NOT NULL DEFAULT 0,
     UNIQUE (run_id, metric, tags, bucket)
 );
 CREATE INDEX IF NOT EXISTS trend_buckets_run_metric_bucket
@@ -33,6 +37,7 @@ CREATE TABLE IF NOT EXISTS counter_buckets (
     min             double precision NOT NULL,
     max             double precision NOT NULL,
     state           jsonb,
+    wal_pos         bigint           NOT NULL DEFAULT 0,
     UNIQUE (run_id, metric, tags, bucket)
 );
 CREATE INDEX IF NOT EXISTS counter_buckets_run_metric_bucket

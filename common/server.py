@@ -1,5 +1,5 @@
-"""The server skeleton both servers share: listener, connections, acks, flush loop and
-ordered shutdown. Each server supplies only its Aggregator."""
+"""The server skeleton both servers share: listener, connections, write-ahead log, acks,
+flush loop and ordered shutdown. Each server supplies only its Aggregator."""
 
 from __future__ import annotations
 
@@ -16,11 +16,15 @@ from typing import Any
 import asyncpg
 
 from common import protocol
-from common.aggregate import Aggregator, BucketKey, OpenBuckets
+from common.aggregate import Aggregator, BucketKey, Entry, OpenBuckets, absorb_entry
 from common.config import ServerConfig
 from common.sink import PgSink, ensure_schema
+from common.wal import WriteAheadLog, segment_of
 
 log = logging.getLogger("tdagg.server")
+
+# Database errors worth retrying: the server is down, restarting or unreachable.
+RETRYABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -34,11 +38,12 @@ class Stats:
     buckets_written: int = 0
     late_rows: int = 0
     write_failures: int = 0
+    replayed_frames: int = 0
     refused: Counter[str] = field(default_factory=Counter)
 
 
 class Connection:
-    """One forwarder connection: framing, hello, dedup, merge, ack."""
+    """One forwarder connection: framing, hello, validation, log, dedup, merge, ack."""
 
     def __init__(self, server: AggregatorServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -46,7 +51,7 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.peer = writer.get_extra_info("peername")
-        self.decoder = protocol.FrameDecoder(server.config.max_frame_bytes)
+        self.decoder = protocol.FrameDecoder(server.limits.max_frame_bytes)
         self.hello: protocol.Hello | None = None
 
     def refuse(self, exc: protocol.Refused, seq: int | None, fatal: bool = False) -> None:
@@ -68,15 +73,21 @@ class Connection:
                     self.refuse(protocol.Refused("bad_framing", str(exc)), None, fatal=True)
                     return
                 highest_ack = 0
+                keep_open = True
                 for body in bodies:
                     ack = self.handle(body)
                     if ack is None:
-                        return
+                        keep_open = False
+                        break
                     highest_ack = max(highest_ack, ack)
-                # Acks are cumulative: one per read covers every frame in it.
+                # One log commit per read covers every frame in it (group commit); the
+                # ack goes out only after it. Acks are cumulative.
+                self.server.wal.commit()
                 if highest_ack:
                     self.writer.write(protocol.ack(highest_ack))
                 await self.writer.drain()
+                if not keep_open:
+                    return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
@@ -97,38 +108,25 @@ class Connection:
                     raise protocol.Refused(
                         "wrong_server", f"this is the {server.aggregator.role} server; "
                         f"the client speaks for {self.hello.role}")
-                last = server.last_seq.get(self.hello.producer, 0)
+                last = server.wal.last_seq(self.hello.producer)
                 self.writer.write(protocol.welcome(server.aggregator.role, last))
                 return 0
             frame = protocol.parse_data(message, server.limits)
             seq = frame.seq
             producer = self.hello.producer
-            if seq <= server.last_seq.get(producer, 0):
+            if seq <= server.wal.last_seq(producer):
                 server.stats.duplicate_frames += 1
                 return seq
-            agg = server.aggregator
-            # Validate the whole frame before merging any of it: a frame is all or nothing.
-            partials = [agg.parse_item(item, server.limits) for item in frame.items]
-            for partial in partials:
-                if partial.bucket_seconds != server.config.bucket_seconds:
-                    raise protocol.Refused(
-                        "bucket_width_mismatch",
-                        f"item has bucket_seconds {partial.bucket_seconds}, the server uses "
-                        f"{server.config.bucket_seconds}")
-            run_id = self.hello.run_id
-            for partial in partials:
-                server.open.merge(run_id, producer, partial)
-                server.stats.samples += agg.samples(partial)
-            server.stats.items += len(partials)
-            server.last_seq[producer] = seq
+            # Validate the whole frame before logging or merging any of it.
+            partials = [server.aggregator.parse_item(item, server.limits)
+                        for item in frame.items]
+            server.check_partials(self.hello.run_id, partials)
+            position = server.wal.append(producer, self.hello.run_id, seq, body)
+            server.merge(self.hello.run_id, producer, partials, position)
             return seq
         except protocol.Refused as exc:
             fatal = self.hello is None
             self.refuse(exc, seq, fatal=fatal)
-            if seq is not None and self.hello is not None:
-                # A refused frame is final; later frames must not wait on it.
-                server.last_seq[self.hello.producer] = max(
-                    seq, server.last_seq.get(self.hello.producer, 0))
             return None if fatal else 0
 
 
@@ -139,10 +137,18 @@ class AggregatorServer:
         self.aggregator = aggregator
         self.dsn = dsn
         self.dsn_label = dsn_label
-        self.limits = protocol.Limits(max_frame_bytes=config.max_frame_bytes)
+        self.limits = protocol.Limits(
+            max_frame_bytes=config.max_frame_bytes,
+            max_items_per_frame=config.max_items_per_frame,
+            max_name_length=config.max_name_length,
+            max_tags=config.max_tags,
+            max_tag_length=config.max_tag_length,
+        )
+        state_dir = config.state_dir or config.data_dir / f"{aggregator.role}_server"
+        self.wal = WriteAheadLog(state_dir, config.wal_fsync)
         self.open: OpenBuckets[Any, Any] = OpenBuckets(aggregator, config.bucket_seconds)
-        self.closing: dict[BucketKey, Any] = {}
-        self.last_seq: dict[str, int] = {}
+        self.closing: dict[BucketKey, Entry[Any]] = {}
+        self.series: dict[str, set[tuple[str, Any]]] = {}
         self.stats = Stats()
         self.should_exit = asyncio.Event()
         self._connections: set[asyncio.Task[None]] = set()
@@ -157,11 +163,80 @@ class AggregatorServer:
         host, port = self._listener.sockets[0].getsockname()[:2]
         return host, port
 
+    # --- ingest -----------------------------------------------------------------
+
+    def check_partials(self, run_id: str, partials: list[Any]) -> None:
+        """Refuse a frame whose buckets are off the server's grid, too far from now, or
+        that would take its run past the series cap."""
+        width = self.config.bucket_seconds
+        now = time.time()
+        oldest = now - self.config.max_bucket_age
+        newest = now + self.config.max_bucket_ahead
+        series = self.series.setdefault(run_id, set())
+        new = set()
+        for p in partials:
+            if p.bucket_seconds != width:
+                raise protocol.Refused(
+                    "bucket_width_mismatch",
+                    f"item has bucket_seconds {p.bucket_seconds}, the server uses {width}")
+            if not oldest <= p.bucket <= newest:
+                raise protocol.Refused(
+                    "bucket_out_of_window",
+                    f"bucket {p.bucket} is outside [now - {self.config.max_bucket_age:g}s, "
+                    f"now + {self.config.max_bucket_ahead:g}s]")
+            name = (p.metric, p.tags)
+            if name not in series:
+                new.add(name)
+        if len(series) + len(new) > self.config.max_series_per_run:
+            raise protocol.Refused(
+                "too_many_series",
+                f"run {run_id!r} would exceed {self.config.max_series_per_run} series")
+        series |= new
+
+    def merge(self, run_id: str, producer: str, partials: list[Any], position: int) -> None:
+        segment = segment_of(position)
+        for partial in partials:
+            self.open.merge(run_id, producer, partial, position, segment)
+            self.stats.samples += self.aggregator.samples(partial)
+        self.stats.items += len(partials)
+
+    async def _replay(self) -> None:
+        """Merge logged frames whose data the database rows do not hold yet."""
+        records = self.wal.open()
+        if not records:
+            return
+        assert self._sink is not None
+        parsed = []
+        for record in records:
+            message = protocol.unpack(record.body)
+            items = protocol.parse_data(message, self.limits).items
+            partials = [self.aggregator.parse_item(item, self.limits) for item in items]
+            parsed.append((record, partials))
+        keys = list({self.aggregator.key_of(r.run_id, p) for r, ps in parsed for p in ps})
+        stored = await self._sink.stored_positions(keys)
+        skipped = 0
+        for record, partials in parsed:
+            fresh = [p for p in partials
+                     if stored.get(self.aggregator.key_of(record.run_id, p), -1)
+                     < record.position]
+            skipped += len(partials) - len(fresh)
+            if fresh:
+                self.merge(record.run_id, record.producer, fresh, record.position)
+        self.stats.replayed_frames = len(records)
+        log.info("replayed %d logged frames (%d items already in the database)",
+                 len(records), skipped)
+
+    # --- lifecycle --------------------------------------------------------------
+
     async def start(self) -> None:
         self._pool = await asyncpg.create_pool(self.dsn or None, min_size=1, max_size=2)
         async with self._pool.acquire() as conn:
             await ensure_schema(conn)
         self._sink = PgSink(self._pool, self.aggregator, self.config.bucket_seconds)
+        await self._replay()
+        # A new or wiped state directory must still log at positions above every row's.
+        stored_max = await self._sink.max_position()
+        self.wal.ensure_after(stored_max)
         host, port = self.config.listen
         self._listener = await asyncio.start_server(self._accept, host, port)
         self._flush_task = asyncio.create_task(self._flush_loop())
@@ -170,7 +245,8 @@ class AggregatorServer:
         host, port = self.address
         return (f"{self.aggregator.role.replace('_', '-')}-server ready: listening on "
                 f"{host}:{port}, database {self.dsn_label}, bucket "
-                f"{self.config.bucket_seconds}s, grace {self.config.grace}s")
+                f"{self.config.bucket_seconds}s, grace {self.config.grace}s, "
+                f"log {self.wal.directory} (fsync {self.wal.fsync})")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
@@ -182,23 +258,25 @@ class AggregatorServer:
         finally:
             self._connections.discard(task)
 
+    # --- flushing ---------------------------------------------------------------
+
     async def _flush_loop(self) -> None:
-        backoff = self.config.flush_interval
+        delay = self.config.flush_interval
         while True:
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(delay)
             self._swap_out(self.open.take_closable(time.time(), self.config.grace))
             if await self.flush_closing():
-                backoff = self.config.flush_interval
+                delay = self.config.flush_interval
             else:
-                backoff = min(max(backoff * 2, 0.5), 30.0)
+                delay = min(max(delay * 2, 0.5), 30.0)
 
-    def _swap_out(self, states: dict[BucketKey, Any]) -> None:
-        for key, state in states.items():
+    def _swap_out(self, entries: dict[BucketKey, Entry[Any]]) -> None:
+        for key, entry in entries.items():
             pending = self.closing.get(key)
             if pending is None:
-                self.closing[key] = state
+                self.closing[key] = entry
             else:
-                self.aggregator.absorb(pending, state)
+                absorb_entry(self.aggregator, pending, entry)
 
     async def flush_closing(self) -> bool:
         """Write every closing bucket in one batch; evict only after the commit."""
@@ -209,9 +287,10 @@ class AggregatorServer:
         self.closing = {}
         try:
             late = await self._sink.write(batch)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except RETRYABLE as exc:
             self.stats.write_failures += 1
-            log.error("database write of %d buckets failed, will retry: %s", len(batch), exc)
+            log.error("database write of %d buckets failed, kept for retry: %s",
+                      len(batch), exc)
             # Put the batch back in front of anything closed meanwhile.
             newer, self.closing = self.closing, batch
             self._swap_out(newer)
@@ -220,14 +299,22 @@ class AggregatorServer:
         if late:
             self.stats.late_rows += late
             log.warning("late data: merged into %d already written bucket rows", late)
+        self._release_log()
         return True
+
+    def _release_log(self) -> None:
+        """Drop log segments whose every bucket is written; roll the current one."""
+        self.wal.rotate_if_due(self.config.bucket_seconds)
+        pending = [e.first_segment for e in self.open.entries.values()]
+        pending += [e.first_segment for e in self.closing.values()]
+        self.wal.release_before(min(pending, default=self.wal.segment))
 
     async def shutdown(self) -> None:
         # 1. Stop accepting new connections.
         if self._listener is not None:
             self._listener.close()
-        # 2. Drain connections: frames already read are merged and acked; a forwarder
-        #    resends anything unacknowledged once a server is back.
+        # 2. Drain connections: every frame read so far is logged, merged and acked; a
+        #    forwarder resends anything unacknowledged once a server is back.
         for task in list(self._connections):
             task.cancel()
         if self._connections:
@@ -242,7 +329,8 @@ class AggregatorServer:
         while not await self.flush_closing():
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-        # 4. Close the pool.
+        # 4. Close the log (everything in it is now in the database) and the pool.
+        self.wal.close()
         if self._pool is not None:
             await self._pool.close()
 
@@ -254,7 +342,7 @@ class AggregatorServer:
         await self.start()
         print(self.ready_line(), file=sys.stderr, flush=True)
         await self.should_exit.wait()
-        log.info("shutting down: flushing %d open buckets", len(self.open) + len(self.closing))
+        log.info("shutting down: writing %d open buckets", len(self.open) + len(self.closing))
         await self.shutdown()
         s = self.stats
         print(f"stopped: {s.frames} frames, {s.samples} samples, {s.buckets_written} bucket "

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from common.aggregate import Aggregator, BucketKey
+from common.aggregate import Aggregator, BucketKey, Entry
 
 log = logging.getLogger(__name__)
 _SCHEMA_LOCK = 0x7464_6167  # "tdag": serialises schema creation between the two servers
@@ -54,49 +54,70 @@ class PgSink:
         self.bucket_seconds = bucket_seconds
         agg = aggregator
         table = agg.table
-        columns = ("bucket", "bucket_seconds", "run_id", "metric", "tags", *agg.value_columns)
+        columns = ("bucket", "bucket_seconds", "run_id", "metric", "tags", *agg.value_columns,
+                   "wal_pos")
         params = ["to_timestamp($1)", "$2", "$3", "$4", "$5::jsonb"]
         params += [f"${i}" for i in range(6, len(columns) + 1)]
         if "state" in agg.value_columns:
             params[columns.index("state")] += "::jsonb"
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in ("bucket_seconds", *agg.value_columns))
+        updates = ", ".join(f"{c} = EXCLUDED.{c}"
+                            for c in ("bucket_seconds", *agg.value_columns, "wal_pos"))
         self._upsert = (
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(params)}) "
             f"ON CONFLICT (run_id, metric, tags, bucket) DO UPDATE SET {updates}"
         )
         stored = ", ".join(f"t.{c}" for c in agg.stored_columns)
-        self._select_stored = (
-            f"SELECT k.ord, {stored} FROM {table} t "
+        join = (
+            f"FROM {table} t "
             "JOIN unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) "
             "WITH ORDINALITY AS k(run_id, metric, tags, bucket, ord) "
             "ON t.run_id = k.run_id AND t.metric = k.metric AND t.tags = k.tags::jsonb "
-            "AND t.bucket = to_timestamp(k.bucket) "
-            "FOR UPDATE OF t"
+            "AND t.bucket = to_timestamp(k.bucket)"
         )
+        self._select_stored = f"SELECT k.ord, t.wal_pos, {stored} {join} FOR UPDATE OF t"
+        self._select_positions = f"SELECT k.ord, t.wal_pos {join}"
+        self._max_position = f"SELECT coalesce(max(wal_pos), 0) FROM {table}"
 
-    async def write(self, states: dict[BucketKey, Any]) -> int:
+    @staticmethod
+    def _key_arrays(keys: list[BucketKey]) -> tuple[list[str], list[str], list[str], list[int]]:
+        return ([k[0] for k in keys], [k[1] for k in keys], [tags_json(k[2]) for k in keys],
+                [k[3] for k in keys])
+
+    async def stored_positions(self, keys: list[BucketKey]) -> dict[BucketKey, int]:
+        """The write-ahead-log position each existing row already contains."""
+        if not keys:
+            return {}
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(self._select_positions, *self._key_arrays(keys))
+        return {keys[row[0] - 1]: row[1] for row in rows}
+
+    async def max_position(self) -> int:
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(self._max_position))
+
+    async def write(self, entries: dict[BucketKey, Entry[Any]]) -> int:
         """Write a batch in one transaction; return how many rows held late data."""
-        keys = list(states)
-        tags = [tags_json(k[2]) for k in keys]
+        keys = list(entries)
+        arrays = self._key_arrays(keys)
         agg = self.aggregator
         async with self.pool.acquire() as conn, conn.transaction():
-            stored_rows = await conn.fetch(
-                self._select_stored, [k[0] for k in keys], [k[1] for k in keys], tags,
-                [k[3] for k in keys],
-            )
+            stored_rows = await conn.fetch(self._select_stored, *arrays)
             # Late data: merge into a state rebuilt from the stored row, never into the
             # closing state itself, so that a failed transaction can be retried as is.
-            to_write = dict(states)
+            to_write = {key: entry.state for key, entry in entries.items()}
+            positions = {key: entry.last_position for key, entry in entries.items()}
             for row in stored_rows:
                 key = keys[row[0] - 1]
-                merged = agg.from_stored(tuple(row)[1:])
-                agg.absorb(merged, states[key])
+                merged = agg.from_stored(tuple(row)[2:])
+                agg.absorb(merged, entries[key].state)
                 to_write[key] = merged
+                positions[key] = max(positions[key], row[1])
             await conn.executemany(
                 self._upsert,
                 [
-                    (key[3], self.bucket_seconds, key[0], key[1], tag, *agg.values(to_write[key]))
-                    for key, tag in zip(keys, tags, strict=True)
+                    (key[3], self.bucket_seconds, key[0], key[1], tag, *agg.values(to_write[key]),
+                     positions[key])
+                    for key, tag in zip(keys, arrays[2], strict=True)
                 ],
             )
         return len(stored_rows)

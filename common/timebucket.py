@@ -3,76 +3,62 @@
 k6 writes RFC 3339 timestamps with up to nanosecond precision and the runner's local
 UTC offset, for example ``2026-11-23T15:26:21.227868137Z`` or
 ``2026-11-23T17:26:21.227868137+02:00``. ``datetime.fromisoformat`` stops at
-microseconds, so the fraction is parsed by hand.
+microseconds, so the timestamp is parsed here, strictly and in ASCII only.
 """
 
 from __future__ import annotations
 
 import calendar
+import re
 
 NS_PER_S = 1_000_000_000
+
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})",
+    re.ASCII,
+)
+# What follows the seconds: an optional 1-9 digit fraction, then the offset.
+_AFTER_SECONDS = re.compile(r"(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 
 
 class TimestampError(ValueError):
     """A timestamp that is not RFC 3339 with an explicit offset."""
 
 
-def _offset_seconds(text: str, original: str) -> int:
-    if text in ("Z", "z"):
-        return 0
-    if len(text) != 6 or text[0] not in "+-" or text[3] != ":":
-        raise TimestampError(f"bad UTC offset {text!r} in timestamp {original!r}")
-    try:
-        hours, minutes = int(text[1:3]), int(text[4:6])
-    except ValueError:
-        raise TimestampError(f"bad UTC offset {text!r} in timestamp {original!r}") from None
-    if hours > 23 or minutes > 59:
-        raise TimestampError(f"UTC offset out of range in timestamp {original!r}")
-    seconds = hours * 3600 + minutes * 60
-    return -seconds if text[0] == "-" else seconds
+def _parse(text: str) -> tuple[int, str]:
+    """(whole epoch seconds, fraction digits) of a timestamp."""
+    match = _TIMESTAMP.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise TimestampError(f"not an RFC 3339 timestamp with a UTC offset: {text!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    if not 1 <= month <= 12 or year < 1:
+        raise TimestampError(f"date out of range: {text!r}")
+    if not 1 <= day <= calendar.monthrange(year, month)[1]:
+        raise TimestampError(f"day out of range: {text!r}")
+    if hour > 23 or minute > 59 or second > 60:
+        raise TimestampError(f"time out of range: {text!r}")
+    offset_text = match.group(8)
+    offset = 0
+    if offset_text not in ("Z", "z"):
+        off_hours, off_minutes = int(offset_text[1:3]), int(offset_text[4:6])
+        if off_hours > 23 or off_minutes > 59:
+            raise TimestampError(f"UTC offset out of range: {text!r}")
+        offset = off_hours * 3600 + off_minutes * 60
+        if offset_text[0] == "-":
+            offset = -offset
+    whole = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)) - offset
+    return whole, match.group(7) or ""
 
 
 def parse_epoch_seconds(text: str) -> int:
-    """Whole UTC epoch seconds of the timestamp's second, ignoring its fraction.
-
-    The fraction cannot move a timestamp across a whole-second boundary, so bucket
-    assignment for whole-second widths needs only this part (and it is cacheable).
-    """
-    if len(text) < 20 or text[4] != "-" or text[7] != "-" or text[10] not in "Tt ":
-        raise TimestampError(f"not an RFC 3339 timestamp: {text!r}")
-    if text[13] != ":" or text[16] != ":":
-        raise TimestampError(f"not an RFC 3339 timestamp: {text!r}")
-    try:
-        year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
-        hour, minute, second = int(text[11:13]), int(text[14:16]), int(text[17:19])
-    except ValueError:
-        raise TimestampError(f"not an RFC 3339 timestamp: {text!r}") from None
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 60):
-        raise TimestampError(f"date or time out of range: {text!r}")
-    rest = text[19:]
-    if rest.startswith("."):
-        i = 1
-        while i < len(rest) and rest[i].isdigit():
-            i += 1
-        if i == 1 or i > 10:
-            raise TimestampError(f"bad fractional seconds in {text!r}")
-        rest = rest[i:]
-    offset = _offset_seconds(rest, text)
-    return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)) - offset
+    """Whole UTC epoch seconds of the timestamp's second (the fraction is validated)."""
+    return _parse(text)[0]
 
 
 def parse_epoch_ns(text: str) -> int:
     """Exact UTC epoch nanoseconds of an RFC 3339 timestamp with an offset."""
-    whole = parse_epoch_seconds(text)
-    fraction = 0
-    if len(text) > 19 and text[19] == ".":
-        digits = ""
-        i = 20
-        while i < len(text) and text[i].isdigit():
-            digits += text[i]
-            i += 1
-        fraction = int(digits.ljust(9, "0"))
-    return whole * NS_PER_S + fraction
+    whole, fraction = _parse(text)
+    return whole * NS_PER_S + int(fraction.ljust(9, "0") or 0)
 
 
 def bucket_start(epoch_seconds: int, bucket_seconds: int) -> int:
@@ -81,10 +67,11 @@ def bucket_start(epoch_seconds: int, bucket_seconds: int) -> int:
 
 
 class BucketClock:
-    """Maps k6 timestamp strings to bucket starts, caching per whole second.
+    """Maps k6 timestamp strings to (epoch second, bucket start), caching per second.
 
     k6 emits many samples per second with the same second and offset, so the cache key
-    is the timestamp without its fraction; the cache is cleared when it grows large.
+    is the timestamp without its fraction. The fraction and offset are still checked on
+    every call, so a cached second cannot let a malformed timestamp through.
     """
 
     __slots__ = ("bucket_seconds", "_cache")
@@ -97,7 +84,8 @@ class BucketClock:
 
     def second_and_bucket(self, text: str) -> tuple[int, int]:
         """(epoch second, bucket start) of a k6 timestamp."""
-        # The key is the date-time to the second plus the offset; the fraction is dropped.
+        if _AFTER_SECONDS.fullmatch(text, 19) is None:
+            raise TimestampError(f"not an RFC 3339 timestamp with a UTC offset: {text!r}")
         key = text[:19] + ("Z" if text[-1] in "Zz" else text[-6:])
         cached = self._cache.get(key)
         if cached is not None:

@@ -14,11 +14,12 @@ _COMPACT_AFTER = 32
 
 
 class TrendState:
-    __slots__ = ("count", "total", "lo", "hi", "parts")
+    __slots__ = ("count", "total", "lo", "hi", "parts", "zeros")
 
     def __init__(self, count: int, total: float, lo: float, hi: float,
-                 parts: list[digest.Centroids]) -> None:
+                 parts: list[digest.Centroids], zeros: int) -> None:
         self.count = count
+        self.zeros = zeros
         self.total = total
         self.lo = lo
         self.hi = hi
@@ -33,8 +34,9 @@ class TrendState:
 class TrendAggregator:
     role = ROLE_TD
     table = "trend_buckets"
-    value_columns = ("count", "sum", "min", "max", "mean", "p50", "p90", "p95", "p99", "digest")
-    stored_columns = ("count", "sum", "min", "max", "digest")
+    value_columns = ("count", "sum", "min", "max", "mean", "p50", "p90", "p95", "p99", "digest",
+                     "zeros")
+    stored_columns = ("count", "sum", "min", "max", "digest", "zeros")
 
     def parse_item(self, item: object, limits: Limits) -> TrendPartial:
         return parse_trend_item(item, limits)
@@ -47,10 +49,11 @@ class TrendAggregator:
 
     def new_state(self, partial: TrendPartial, producer: str) -> TrendState:
         return TrendState(partial.samples, partial.total, partial.lo, partial.hi,
-                          [partial.centroids])
+                          [partial.centroids], partial.zeros)
 
     def add(self, state: TrendState, partial: TrendPartial, producer: str) -> None:
         state.count += partial.samples
+        state.zeros += partial.zeros
         state.total += partial.total
         state.lo = min(state.lo, partial.lo)
         state.hi = max(state.hi, partial.hi)
@@ -58,6 +61,7 @@ class TrendAggregator:
 
     def absorb(self, state: TrendState, other: TrendState) -> None:
         state.count += other.count
+        state.zeros += other.zeros
         state.total += other.total
         state.lo = min(state.lo, other.lo)
         state.hi = max(state.hi, other.hi)
@@ -65,12 +69,13 @@ class TrendAggregator:
             state.merge_digest(part)
 
     def from_stored(self, stored: Any) -> TrendState:
-        count, total, lo, hi, blob = stored
-        return TrendState(count, total, lo, hi, [digest.decode(blob)])
+        count, total, lo, hi, blob, zeros = stored
+        return TrendState(count, total, lo, hi, [digest.decode(blob)], zeros)
 
     def values(self, state: TrendState) -> tuple[Any, ...]:
         merged = digest.merge(state.parts)
         state.parts = [merged]
-        p50, p90, p95, p99 = digest.quantiles(merged, QUANTILES, state.lo, state.hi)
+        p50, p90, p95, p99 = digest.quantiles(merged, QUANTILES, state.lo, state.hi,
+                                              state.zeros)
         return (state.count, state.total, state.lo, state.hi, state.total / state.count,
-                p50, p90, p95, p99, digest.encode(merged))
+                p50, p90, p95, p99, digest.encode(merged), state.zeros)

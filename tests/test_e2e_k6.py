@@ -37,8 +37,8 @@ async def run_pipeline(dsn: str, tmp_path: Path, generators: int, run_id: str,
                        duration: str, *k6_args: str) -> list[Path]:
     async with (
         http_target() as base,
-        server_process("td_server", dsn, "--grace", "1") as td,
-        server_process("non_td_server", dsn, "--grace", "1") as non_td,
+        server_process("td_server", dsn, tmp_path, "--grace", "1") as td,
+        server_process("non_td_server", dsn, tmp_path, "--grace", "1") as non_td,
     ):
         raws = [tmp_path / f"raw{i}.json" for i in range(generators)]
         results = await asyncio.gather(*(
@@ -93,7 +93,9 @@ async def test_two_generators_accurate_and_exact(dsn: str, tmp_path: Path) -> No
         assert row["min"] == values.min(), key
         assert row["max"] == values.max(), key
         assert row["sum"] == pytest.approx(values.sum(), rel=1e-9, abs=1e-9), key
-        assert digest.decode(row["digest"])[:, 1].sum() == pytest.approx(len(values))
+        assert row["zeros"] == np.count_nonzero(values == 0), key
+        weights = digest.decode(row["digest"])[:, 1].sum()
+        assert weights + row["zeros"] == pytest.approx(len(values)), key
         if len(values) >= 1000:
             for q, column in QUANTILE_COLUMNS:
                 assert quantile_ok(values, q, row[column]), (key, q, row[column])
@@ -126,7 +128,7 @@ async def test_single_generator_whole_run_p95_matches_k6_summary(dsn: str,
     summary = tmp_path / "summary.json"
     await run_pipeline(dsn, tmp_path, 1, "one-gen", "12s", "--summary-export", str(summary))
     k6_metrics = json.loads(summary.read_text())["metrics"]
-    rows = await fetch(dsn, "SELECT metric, count, min, max, digest FROM trend_buckets "
+    rows = await fetch(dsn, "SELECT metric, count, min, max, digest, zeros FROM trend_buckets "
                             "WHERE run_id = 'one-gen'")
     compared = 0
     for metric in ("http_req_duration", "http_req_waiting", "iteration_duration",
@@ -135,7 +137,8 @@ async def test_single_generator_whole_run_p95_matches_k6_summary(dsn: str,
         merged = digest.merge([digest.decode(r["digest"]) for r in mine])
         lo = min(r["min"] for r in mine)
         hi = max(r["max"] for r in mine)
-        (p95,) = digest.quantiles(merged, [0.95], lo, hi)
+        zeros = sum(r["zeros"] for r in mine)
+        (p95,) = digest.quantiles(merged, [0.95], lo, hi, zeros)
         theirs = k6_metrics[metric]["p(95)"]
         assert p95 == pytest.approx(theirs, rel=0.01), metric
         assert lo == pytest.approx(k6_metrics[metric]["min"], abs=1e-9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from pathlib import Path
 
 import asyncpg
 import numpy as np
@@ -14,7 +15,7 @@ from common import digest, protocol
 from common.protocol import CounterPartial, TrendPartial
 from tests.utils import Client, run_server, wait_until
 
-OLD_BUCKET = 1_700_000_000  # long past, so the flush loop closes it at once
+OLD_BUCKET = (int(time.time()) - 3600) // 10 * 10  # past, so the flush loop closes it at once
 
 
 def trend_item(values: np.ndarray, bucket: int = OLD_BUCKET, metric: str = "http_req_duration",
@@ -51,10 +52,10 @@ def within_criterion(samples: np.ndarray, q: float, estimate: float) -> bool:
     return relative_ok or rank_ok(samples, q, estimate)
 
 
-async def test_two_producers_merge_into_one_row(dsn: str) -> None:
+async def test_two_producers_merge_into_one_row(dsn: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     parts = [rng.lognormal(2, 1, 3000), rng.lognormal(2.5, 0.5, 2000)]
-    async with run_server(dsn, grace=0) as server:
+    async with run_server(dsn, tmp_path, grace=0) as server:
         for part in parts:
             client = await Client.connect(server.address, run_id="r1")
             answer = await client.send(1, [trend_item(part)])
@@ -62,7 +63,7 @@ async def test_two_producers_merge_into_one_row(dsn: str) -> None:
             await client.close()
 
         async def written() -> bool:
-            return server.stats.buckets_written >= 1 and not server.open.states
+            return server.stats.buckets_written >= 1 and not server.open.entries
 
         await wait_until(written)
     rows = await fetch(dsn, "SELECT * FROM trend_buckets")
@@ -81,10 +82,10 @@ async def test_two_producers_merge_into_one_row(dsn: str) -> None:
     assert stored[:, 1].sum() == pytest.approx(len(everything))
 
 
-async def test_late_data_merges_into_stored_row(dsn: str) -> None:
+async def test_late_data_merges_into_stored_row(dsn: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     first, late = rng.normal(100, 10, 2000), rng.normal(300, 10, 2000)
-    async with run_server(dsn, grace=0) as server:
+    async with run_server(dsn, tmp_path, grace=0) as server:
         client = await Client.connect(server.address)
         await client.send(1, [trend_item(first)])
 
@@ -108,9 +109,9 @@ async def test_late_data_merges_into_stored_row(dsn: str) -> None:
     assert within_criterion(both, 0.9, rows[0]["p90"])
 
 
-async def test_counters_gauges_rates(dsn: str) -> None:
+async def test_counters_gauges_rates(dsn: str, tmp_path: Path) -> None:
     base_ns = OLD_BUCKET * 10**9
-    async with run_server(dsn, role=protocol.ROLE_NON_TD, grace=0) as server:
+    async with run_server(dsn, tmp_path, role=protocol.ROLE_NON_TD, grace=0) as server:
         a = await Client.connect(server.address, role=protocol.ROLE_NON_TD, producer="gen-a")
         b = await Client.connect(server.address, role=protocol.ROLE_NON_TD, producer="gen-b")
         await a.send(1, [counter_item("counter", [1, 1, 1], base_ns, metric="reqs"),
@@ -124,7 +125,7 @@ async def test_counters_gauges_rates(dsn: str) -> None:
 
         async def done() -> bool:
             return server.stats.buckets_written + server.stats.late_rows >= 3 and \
-                not server.open.states and not server.closing
+                not server.open.entries and not server.closing
 
         await wait_until(done)
         await a.close()
@@ -141,8 +142,8 @@ async def test_counters_gauges_rates(dsn: str) -> None:
     assert rows["vus"]["metric_type"] == "gauge"
 
 
-async def test_duplicate_sequence_is_counted_once(dsn: str) -> None:
-    async with run_server(dsn, role=protocol.ROLE_NON_TD, grace=0) as server:
+async def test_duplicate_sequence_is_counted_once(dsn: str, tmp_path: Path) -> None:
+    async with run_server(dsn, tmp_path, role=protocol.ROLE_NON_TD, grace=0) as server:
         client = await Client.connect(server.address, role=protocol.ROLE_NON_TD, producer="p")
         item = counter_item("counter", [2, 3], OLD_BUCKET * 10**9)
         assert (await client.send(1, [item]))["seq"] == 1
@@ -156,15 +157,15 @@ async def test_duplicate_sequence_is_counted_once(dsn: str) -> None:
     assert [(r["value"], r["count"]) for r in rows] == [(5.0, 2)]
 
 
-async def test_bad_frames_are_refused_and_others_unharmed(dsn: str) -> None:
-    async with run_server(dsn, grace=0) as server:
+async def test_bad_frames_are_refused_and_others_unharmed(dsn: str, tmp_path: Path) -> None:
+    async with run_server(dsn, tmp_path, grace=0) as server:
         good = await Client.connect(server.address, run_id="good")
         bad = await Client.connect(server.address, run_id="bad")
-        answer = await bad.send(1, [["m", {}, OLD_BUCKET, 10, 1, 1.0, 1.0, 1.0, b"\x00" * 15]])
+        answer = await bad.send(1, [["m", {}, OLD_BUCKET, 10, 1, 1.0, 1.0, 1.0, b"\x00" * 15, 0]])
         assert answer["type"] == "error"
         assert answer["reason"] == "bad_digest"
         answer = await bad.send(2, [["m", {}, OLD_BUCKET + 3, 10, 1, 1.0, 1.0, 1.0,
-                                     digest.encode(digest.from_values([1.0]))]])
+                                     digest.encode(digest.from_values([1.0])), 0]])
         assert answer["reason"] == "unaligned_bucket"
         # Garbage that cannot be framed closes only that connection.
         reader, writer = await asyncio.open_connection(*server.address)
@@ -187,9 +188,9 @@ async def test_bad_frames_are_refused_and_others_unharmed(dsn: str) -> None:
     assert [tuple(r) for r in rows] == [("good", 100, 1.0, 100.0)]
 
 
-async def test_shutdown_writes_open_buckets(dsn: str) -> None:
+async def test_shutdown_writes_open_buckets(dsn: str, tmp_path: Path) -> None:
     now_bucket = int(time.time()) // 10 * 10
-    async with run_server(dsn, grace=3600) as server:
+    async with run_server(dsn, tmp_path, grace=3600) as server:
         client = await Client.connect(server.address)
         await client.send(1, [trend_item(np.arange(10.0), bucket=now_bucket)])
         await client.close()
@@ -198,10 +199,10 @@ async def test_shutdown_writes_open_buckets(dsn: str) -> None:
     assert [r["count"] for r in rows] == [10]
 
 
-async def test_schema_is_idempotent(dsn: str) -> None:
-    async with run_server(dsn):
+async def test_schema_is_idempotent(dsn: str, tmp_path: Path) -> None:
+    async with run_server(dsn, tmp_path):
         pass
-    async with run_server(dsn, role=protocol.ROLE_NON_TD):
+    async with run_server(dsn, tmp_path, role=protocol.ROLE_NON_TD):
         pass
     rows = await fetch(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
                             "ORDER BY 1")

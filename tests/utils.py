@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from common import protocol
@@ -17,13 +18,14 @@ from td_server.aggregator import TrendAggregator
 
 
 @contextlib.asynccontextmanager
-async def run_server(dsn: str, role: str = protocol.ROLE_TD,
+async def run_server(dsn: str, state_dir: Path, role: str = protocol.ROLE_TD,
                      **settings: Any) -> AsyncIterator[AggregatorServer]:
     """A real server on 127.0.0.1:0 in this event loop; ordered shutdown on exit."""
     aggregator: Aggregator[Any, Any] = (
         TrendAggregator() if role == protocol.ROLE_TD else CounterAggregator())
     settings.setdefault("flush_interval", 0.05)
-    config = ServerConfig(listen=("127.0.0.1", 0), dsn=dsn, **settings)
+    config = ServerConfig(listen=("127.0.0.1", 0), dsn=dsn, state_dir=state_dir / role,
+                          **settings)
     server = AggregatorServer(config, aggregator, dsn, dsn)
     await server.start()
     try:
