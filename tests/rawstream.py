@@ -16,7 +16,7 @@ def epoch_ns(text: str) -> int:
     """Independent of common.timebucket: datetime for the second, Decimal for the fraction."""
     head, _, rest = text.partition(".")
     if rest:
-        digits = "".join(ch for ch in rest if ch.isdigit())
+        digits = rest[: len(rest) - len(rest.lstrip("0123456789"))]
         offset = rest[len(digits):]
     else:
         head, offset = text[:19], text[19:]
