@@ -88,7 +88,7 @@ def quantiles(
     result = []
     for q in qs:
         rank = q * total
-        if rank <= negative:
+        if rank < negative:
             value = digest.quantile(min(rank / weight, 1.0))
         elif rank <= negative + zeros:
             value = 0.0
