@@ -9,8 +9,10 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
+import asyncpg
+
 from common import embedded
-from common.config import ServerConfig, load
+from common.config import ConfigError, ServerConfig, load
 from common.server import AggregatorServer
 
 T = TypeVar("T")
@@ -64,10 +66,14 @@ def run_server(prog: str, description: str, aggregator: Any, config_cls: type[Se
     except embedded.EmbeddedUnavailable as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    server = AggregatorServer(config, aggregator, dsn, label)
+    try:
+        server = AggregatorServer(config, aggregator, dsn, label)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         run_loop(server.serve_until_signal())
-    except OSError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"{prog}: error: {exc} (database {label})", file=sys.stderr)
         return 1
     return 0

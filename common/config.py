@@ -72,6 +72,10 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     return parse
 
 
+def _optional_hostport(text: Any) -> tuple[str, int] | None:
+    return None if text in (None, "") else parse_hostport(text)
+
+
 def _optional_path(text: Any) -> Path | None:
     value = _optional_text(text)
     return Path(value) if value else None
@@ -128,6 +132,18 @@ class ServerConfig:
     max_bucket_ahead: float = _field(
         3600.0, _non_negative_float,
         "newest bucket accepted, in seconds after now (clock skew)", "SECONDS")
+    metrics_listen: tuple[str, int] | None = _field(
+        ("127.0.0.1", 9410), _optional_hostport,
+        "HTTP address for /metrics and /healthz ('' to disable)", "HOST:PORT")
+    tls_cert: Path | None = _field(
+        None, _optional_path, "PEM certificate: accept forwarders over TLS only", "FILE")
+    tls_key: Path | None = _field(None, _optional_path, "PEM private key of --tls-cert", "FILE")
+    tls_client_ca: Path | None = _field(
+        None, _optional_path,
+        "PEM CA bundle: require client certificates signed by it (mutual TLS)", "FILE")
+    token_file: Path | None = _field(
+        None, _optional_path,
+        "file holding a shared token that every forwarder's hello must carry", "FILE")
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -140,6 +156,9 @@ class TdServerConfig(ServerConfig):
 class NonTdServerConfig(ServerConfig):
     listen: tuple[str, int] = _field(
         ("127.0.0.1", 7411), parse_hostport, "address to accept forwarders on", "HOST:PORT")
+    metrics_listen: tuple[str, int] | None = _field(
+        ("127.0.0.1", 9411), _optional_hostport,
+        "HTTP address for /metrics and /healthz ('' to disable)", "HOST:PORT")
 
 
 @dataclass(frozen=True)
@@ -161,7 +180,17 @@ class ForwarderConfig:
         "event-time seconds past a bucket's end before its partial is sent", "SECONDS")
     max_unacked_bytes: int = _field(
         64 * 1024 * 1024, _positive_int,
-        "unacknowledged bytes held per server before input reading pauses", "BYTES")
+        "unacknowledged bytes held in memory per server; beyond it frames go to the spool "
+        "file", "BYTES")
+    spool_dir: Path | None = _field(
+        None, _optional_path,
+        "directory for the spool files, used while memory is full; each forwarder uses "
+        "its own k6-forward-PRODUCER subdirectory, removed when drained (default: the "
+        "system temp directory)", "PATH")
+    max_spool_bytes: int = _field(
+        1024 * 1024 * 1024, _positive_int,
+        "size limit of each server's spool file; when memory and spool are both full, "
+        "input reading pauses (k6 waits)", "BYTES")
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -230,6 +259,8 @@ def describe(config: Any) -> str:
         value = getattr(config, f.name)
         if isinstance(value, tuple):
             value = f"{value[0]}:{value[1]}"
+        elif value is None:
+            value = "''"
         lines.append(f"{f.name} = {value!s}  # {config.sources.get(f.name, 'default')}")
     return "\n".join(lines)
 

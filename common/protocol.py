@@ -81,6 +81,7 @@ class Hello(NamedTuple):
     producer: str
     run_id: str
     role: str
+    token: str | None = None
 
 
 class Data(NamedTuple):
@@ -96,11 +97,12 @@ def frame(message: dict[str, Any]) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-def hello(producer: str, run_id: str, role: str) -> bytes:
-    return frame(
-        {"type": "hello", "version": PROTOCOL_VERSION, "producer": producer, "run": run_id,
-         "role": role}
-    )
+def hello(producer: str, run_id: str, role: str, token: str | None = None) -> bytes:
+    message = {"type": "hello", "version": PROTOCOL_VERSION, "producer": producer,
+               "run": run_id, "role": role}
+    if token is not None:
+        message["token"] = token
+    return frame(message)
 
 
 def welcome(role: str, last_seq: int) -> bytes:
@@ -227,10 +229,14 @@ def parse_hello(message: dict[str, Any], limits: Limits) -> Hello:
     role = message.get("role")
     if role not in (ROLE_TD, ROLE_NON_TD):
         raise Refused("bad_field", "role must be 'td' or 'non_td'")
+    token = message.get("token")
+    if token is not None and not isinstance(token, str):
+        raise Refused("bad_field", "token must be a string")
     return Hello(
         producer=_text(message.get("producer"), "producer", limits.max_name_length),
         run_id=_text(message.get("run"), "run", limits.max_name_length),
         role=role,
+        token=token,
     )
 
 

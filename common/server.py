@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections import Counter
@@ -17,7 +19,9 @@ import asyncpg
 
 from common import protocol
 from common.aggregate import Aggregator, BucketKey, Entry, OpenBuckets, absorb_entry
-from common.config import ServerConfig
+from common.config import ConfigError, ServerConfig
+from common.notify import notify, watchdog_interval
+from common.selfmetrics import Histogram, MetricsEndpoint, exposition
 from common.sink import PgSink, ensure_schema
 from common.wal import WriteAheadLog, segment_of
 
@@ -40,6 +44,39 @@ class Stats:
     write_failures: int = 0
     replayed_frames: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    write_seconds: Histogram = field(default_factory=Histogram)
+
+
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for plaintext; bad files are a ConfigError."""
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise ConfigError("tls_client_ca needs tls_cert and tls_key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("tls_cert and tls_key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca is not None:
+            context.load_verify_locations(config.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert {config.tls_cert}, tls_key {config.tls_key}, "
+                          f"tls_client_ca {config.tls_client_ca}: {exc}") from None
+    return context
+
+
+def read_token(config: ServerConfig) -> str | None:
+    if config.token_file is None:
+        return None
+    try:
+        token = config.token_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"token_file {config.token_file}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"token_file {config.token_file} is empty")
+    return token
 
 
 class Connection:
@@ -103,12 +140,17 @@ class Connection:
         try:
             message = protocol.unpack(body)
             if self.hello is None:
-                self.hello = protocol.parse_hello(message, server.limits)
-                if self.hello.role != server.aggregator.role:
+                hello = protocol.parse_hello(message, server.limits)
+                if server.token is not None and not hmac.compare_digest(
+                        (hello.token or "").encode(), server.token.encode()):
+                    raise protocol.Refused(
+                        "bad_token", "missing token" if hello.token is None else "wrong token")
+                if hello.role != server.aggregator.role:
                     raise protocol.Refused(
                         "wrong_server", f"this is the {server.aggregator.role} server; "
-                        f"the client speaks for {self.hello.role}")
-                last = server.wal.last_seq(self.hello.producer)
+                        f"the client speaks for {hello.role}")
+                self.hello = hello
+                last = server.wal.last_seq(hello.producer)
                 self.writer.write(protocol.welcome(server.aggregator.role, last))
                 return 0
             frame = protocol.parse_data(message, server.limits)
@@ -146,6 +188,9 @@ class AggregatorServer:
         )
         state_dir = config.state_dir or config.data_dir / f"{aggregator.role}_server"
         self.wal = WriteAheadLog(state_dir, config.wal_fsync)
+        self.tls = tls_context(config)
+        self.token = read_token(config)
+        self.metrics: MetricsEndpoint | None = None
         self.open: OpenBuckets[Any, Any] = OpenBuckets(aggregator, config.bucket_seconds)
         self.closing: dict[BucketKey, Entry[Any]] = {}
         self.series: dict[str, set[tuple[str, Any]]] = {}
@@ -156,6 +201,7 @@ class AggregatorServer:
         self._pool: asyncpg.Pool | None = None
         self._sink: PgSink | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -240,13 +286,82 @@ class AggregatorServer:
         host, port = self.config.listen
         self._listener = await asyncio.start_server(self._accept, host, port)
         self._flush_task = asyncio.create_task(self._flush_loop())
+        if self.config.metrics_listen is not None:
+            self.metrics = MetricsEndpoint(self.render_metrics, self.healthy)
+            await self.metrics.start(*self.config.metrics_listen)
+        # Listening and the database answered: only now is the service ready.
+        notify("READY=1")
+        interval = watchdog_interval()
+        if interval:
+            self._watchdog_task = asyncio.create_task(self._watchdog(interval))
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            if self._flush_task is not None and not self._flush_task.done():
+                notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def healthy(self) -> bool:
+        """Listening and the database answers within two seconds."""
+        if self._listener is None or not self._listener.is_serving() or self._pool is None:
+            return False
+        try:
+            async with asyncio.timeout(2):
+                async with self._pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except (*RETRYABLE, asyncpg.exceptions.InterfaceError):
+            return False
+        return True
+
+    def render_metrics(self) -> str:
+        s = self.stats
+        role = self.aggregator.role
+        label = f'server="{role}"'
+        counter = "counter"
+        gauge = "gauge"
+        return exposition([
+            ("tdagg_connections_total", counter, "connections accepted",
+             [(label, s.connections)]),
+            ("tdagg_connections_open", gauge, "connections open now",
+             [(label, len(self._connections))]),
+            ("tdagg_frames_received_total", counter, "frames received", [(label, s.frames)]),
+            ("tdagg_bytes_received_total", counter, "bytes received", [(label, s.bytes)]),
+            ("tdagg_items_merged_total", counter, "partial aggregates merged",
+             [(label, s.items)]),
+            ("tdagg_samples_merged_total", counter, "k6 samples merged", [(label, s.samples)]),
+            ("tdagg_duplicate_frames_total", counter, "resent frames ignored",
+             [(label, s.duplicate_frames)]),
+            ("tdagg_open_buckets", gauge, "open (series, bucket) states",
+             [(label, len(self.open))]),
+            ("tdagg_open_series", gauge, "distinct series in open buckets",
+             [(label, len({k[:3] for k in self.open.entries}))]),
+            ("tdagg_queue_buckets", gauge, "closed buckets waiting for the database",
+             [(label, len(self.closing))]),
+            ("tdagg_buckets_written_total", counter, "bucket rows written",
+             [(label, s.buckets_written)]),
+            ("tdagg_late_rows_total", counter, "written rows that late data was merged into",
+             [(label, s.late_rows)]),
+            ("tdagg_write_failures_total", counter, "failed database writes (retried)",
+             [(label, s.write_failures)]),
+            ("tdagg_refused_frames_total", counter, "frames refused, by reason",
+             [(f'{label},reason="{r}"', n) for r, n in sorted(s.refused.items())]),
+            ("tdagg_wal_bytes", gauge, "write-ahead log size on disk",
+             [(label, self.wal.size_bytes())]),
+            ("tdagg_db_write_seconds", "histogram", "database batch write latency",
+             [(label, s.write_seconds)]),
+        ])
 
     def ready_line(self) -> str:
         host, port = self.address
         return (f"{self.aggregator.role.replace('_', '-')}-server ready: listening on "
                 f"{host}:{port}, database {self.dsn_label}, bucket "
                 f"{self.config.bucket_seconds}s, grace {self.config.grace}s, "
-                f"log {self.wal.directory} (fsync {self.wal.fsync})")
+                f"log {self.wal.directory} (fsync {self.wal.fsync})"
+                + (f", TLS{' with client certificates' if self.tls.verify_mode else ''}"
+                   if self.tls else "")
+                + (", token required" if self.token else "")
+                + (f", metrics http://{self.metrics.address[0]}:{self.metrics.address[1]}"
+                   "/metrics" if self.metrics else ""))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
@@ -254,9 +369,27 @@ class AggregatorServer:
         assert task is not None
         self._connections.add(task)
         try:
+            if self.tls is not None and not await self._start_tls(writer):
+                return
             await Connection(self, reader, writer).run()
+        except asyncio.CancelledError:
+            pass  # shutdown cancels connections; asyncio would log a cancelled handler
         finally:
             self._connections.discard(task)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter) -> bool:
+        peer = writer.get_extra_info("peername")
+        try:
+            assert self.tls is not None
+            await writer.start_tls(self.tls, ssl_handshake_timeout=10)
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            self.stats.refused["tls_handshake"] += 1
+            log.warning("TLS handshake with %s failed, connection closed: %s (a plaintext "
+                        "client, or a client certificate that is missing or not trusted)",
+                        peer, exc)
+            writer.close()
+            return False
+        return True
 
     # --- flushing ---------------------------------------------------------------
 
@@ -285,6 +418,7 @@ class AggregatorServer:
         assert self._sink is not None
         batch = self.closing
         self.closing = {}
+        started = time.perf_counter()
         try:
             late = await self._sink.write(batch)
         except RETRYABLE as exc:
@@ -295,6 +429,7 @@ class AggregatorServer:
             newer, self.closing = self.closing, batch
             self._swap_out(newer)
             return False
+        self.stats.write_seconds.observe(time.perf_counter() - started)
         self.stats.buckets_written += len(batch)
         if late:
             self.stats.late_rows += late
@@ -310,9 +445,12 @@ class AggregatorServer:
         self.wal.release_before(min(pending, default=self.wal.segment))
 
     async def shutdown(self) -> None:
+        notify("STOPPING=1")
         # 1. Stop accepting new connections.
         if self._listener is not None:
             self._listener.close()
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
         # 2. Drain connections: every frame read so far is logged, merged and acked; a
         #    forwarder resends anything unacknowledged once a server is back.
         for task in list(self._connections):
@@ -331,6 +469,8 @@ class AggregatorServer:
             delay = min(delay * 2, 5.0)
         # 4. Close the log (everything in it is now in the database) and the pool.
         self.wal.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self._pool is not None:
             await self._pool.close()
 

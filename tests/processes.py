@@ -44,11 +44,13 @@ async def _drain(stream: asyncio.StreamReader, sink: list[bytes]) -> None:
 
 @contextlib.asynccontextmanager
 async def server_process(module: str, dsn: str, state_dir: Path, *extra: str,
-                         listen: str = "127.0.0.1:0") -> AsyncIterator[Proc]:
+                         listen: str = "127.0.0.1:0",
+                         env: dict[str, str] | None = None) -> AsyncIterator[Proc]:
     """Start td_server or non_td_server; yield once its ready line names the port."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", module, "--listen", listen, "--dsn", dsn,
-        "--state-dir", str(state_dir / module), *extra,
+        "--state-dir", str(state_dir / module), "--metrics-listen", "127.0.0.1:0", *extra,
+        env=env,
         stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
     assert process.stderr is not None
     lines: list[bytes] = []

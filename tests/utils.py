@@ -24,6 +24,7 @@ async def run_server(dsn: str, state_dir: Path, role: str = protocol.ROLE_TD,
     aggregator: Aggregator[Any, Any] = (
         TrendAggregator() if role == protocol.ROLE_TD else CounterAggregator())
     settings.setdefault("flush_interval", 0.05)
+    settings.setdefault("metrics_listen", None)
     config = ServerConfig(listen=("127.0.0.1", 0), dsn=dsn, state_dir=state_dir / role,
                           **settings)
     server = AggregatorServer(config, aggregator, dsn, dsn)
