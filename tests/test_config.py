@@ -39,7 +39,8 @@ def write_toml(tmp_path: Path, text: str) -> Path:
 SERVER_SETTINGS = {
     "listen", "dsn", "data_dir", "bucket_seconds", "grace", "flush_interval", "state_dir",
     "wal_fsync", "max_frame_bytes", "max_items_per_frame", "max_name_length", "max_tags",
-    "max_tag_length", "max_series_per_run", "max_bucket_age", "max_bucket_ahead"}
+    "max_tag_length", "max_series_per_run", "max_bucket_age", "max_bucket_ahead",
+    "metrics_listen", "tls_cert", "tls_key", "tls_client_ca", "token_file"}
 
 
 def test_defaults() -> None:
@@ -63,8 +64,16 @@ def test_defaults() -> None:
     assert set(config.sources.values()) == {"default"}
     assert set(config.sources) == SERVER_SETTINGS
 
+    assert config.metrics_listen == ("127.0.0.1", 9410)
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (None, None, None)
+    assert config.token_file is None
+
     non_td = resolve(NonTdServerConfig, args_for(NonTdServerConfig, []), {})
     assert non_td.listen == ("127.0.0.1", 7411)
+    assert non_td.metrics_listen == ("127.0.0.1", 9411)
+    disabled = resolve(NonTdServerConfig, args_for(NonTdServerConfig, ["--metrics-listen", ""]),
+                       {})
+    assert disabled.metrics_listen is None
 
     forwarder = resolve(ForwarderConfig, args_for(ForwarderConfig, []), {})
     assert (forwarder.td, forwarder.non_td) == (("127.0.0.1", 7410), ("127.0.0.1", 7411))

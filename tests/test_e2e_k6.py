@@ -126,8 +126,10 @@ async def test_two_generators_accurate_and_exact(dsn: str, tmp_path: Path) -> No
 async def test_single_generator_whole_run_p95_matches_k6_summary(dsn: str,
                                                                  tmp_path: Path) -> None:
     summary = tmp_path / "summary.json"
-    await run_pipeline(dsn, tmp_path, 1, "one-gen", "12s", "--summary-export", str(summary))
+    (raw,) = await run_pipeline(dsn, tmp_path, 1, "one-gen", "12s", "--summary-export",
+                                str(summary))
     k6_metrics = json.loads(summary.read_text())["metrics"]
+    _, points = load_points(raw)
     rows = await fetch(dsn, "SELECT metric, count, min, max, digest, zeros FROM trend_buckets "
                             "WHERE run_id = 'one-gen'")
     compared = 0
@@ -140,7 +142,11 @@ async def test_single_generator_whole_run_p95_matches_k6_summary(dsn: str,
         zeros = sum(r["zeros"] for r in mine)
         (p95,) = digest.quantiles(merged, [0.95], lo, hi, zeros)
         theirs = k6_metrics[metric]["p(95)"]
-        assert p95 == pytest.approx(theirs, rel=0.01), metric
+        samples = np.array([p["value"] for p in points if p["metric"] == metric])
+        assert sum(r["count"] for r in mine) == len(samples) == k6_metrics[metric].get(
+            "count", len(samples)), metric
+        exact = float(np.quantile(samples, 0.95))
+        assert p95 == pytest.approx(theirs, rel=0.01), (metric, p95, theirs, exact)
         assert lo == pytest.approx(k6_metrics[metric]["min"], abs=1e-9)
         assert hi == pytest.approx(k6_metrics[metric]["max"], abs=1e-9)
         compared += 1
