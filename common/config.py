@@ -187,6 +187,14 @@ class ForwarderConfig:
         "directory for the spool files, used while memory is full; each forwarder uses "
         "its own k6-forward-PRODUCER subdirectory, removed when drained (default: the "
         "system temp directory)", "PATH")
+    tls_ca: Path | None = _field(
+        None, _optional_path,
+        "PEM CA bundle to verify the servers' certificates: connect over TLS", "FILE")
+    tls_cert: Path | None = _field(
+        None, _optional_path, "PEM client certificate, for servers that require one", "FILE")
+    tls_key: Path | None = _field(None, _optional_path, "PEM private key of --tls-cert", "FILE")
+    token_file: Path | None = _field(
+        None, _optional_path, "file holding the servers' shared token", "FILE")
     max_spool_bytes: int = _field(
         1024 * 1024 * 1024, _positive_int,
         "size limit of each server's spool file; when memory and spool are both full, "

@@ -142,8 +142,12 @@ class FrameDecoder:
     def __init__(self, max_frame_bytes: int = Limits.max_frame_bytes) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
+        self._broken: str | None = None
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        """Complete frame bodies so far. Frames before a bad length prefix are returned
+        first; the FramingError comes from the next call (or ``check``)."""
+        self.check()
         self._buffer += chunk
         bodies: list[bytes] = []
         buf = self._buffer
@@ -151,9 +155,11 @@ class FrameDecoder:
         while len(buf) - offset >= 4:
             (length,) = _LENGTH.unpack_from(buf, offset)
             if length == 0 or length > self.max_frame_bytes:
-                raise FramingError(
-                    f"frame length {length} outside 1..{self.max_frame_bytes} bytes"
-                )
+                self._broken = f"frame length {length} outside 1..{self.max_frame_bytes} bytes"
+                del buf[:]
+                if bodies:
+                    return bodies
+                self.check()
             end = offset + 4 + length
             if end > len(buf):
                 break
@@ -162,6 +168,11 @@ class FrameDecoder:
         if offset:
             del buf[:offset]
         return bodies
+
+    def check(self) -> None:
+        """Raise FramingError if the stream already proved unframeable."""
+        if self._broken is not None:
+            raise FramingError(self._broken)
 
     @property
     def pending_bytes(self) -> int:
@@ -223,7 +234,8 @@ def _bucket(bucket: object, width: object) -> tuple[int, int]:
 def parse_hello(message: dict[str, Any], limits: Limits) -> Hello:
     if message.get("type") != "hello":
         raise Refused("hello_expected", "the first frame must be a hello")
-    if message.get("version") != PROTOCOL_VERSION:
+    version = message.get("version")
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise Refused("bad_version", f"protocol version {message.get('version')!r} is not "
                       f"supported; this server speaks {PROTOCOL_VERSION}")
     role = message.get("role")

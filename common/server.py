@@ -28,6 +28,7 @@ from common.wal import WriteAheadLog, segment_of
 log = logging.getLogger("tdagg.server")
 
 # Database errors worth retrying: the server is down, restarting or unreachable.
+RUN_IDLE_SECONDS = 24 * 3600
 RETRYABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 
@@ -117,6 +118,11 @@ class Connection:
                         keep_open = False
                         break
                     highest_ack = max(highest_ack, ack)
+                try:
+                    self.decoder.check()  # good frames before a bad prefix still count
+                except protocol.FramingError as exc:
+                    self.refuse(protocol.Refused("bad_framing", str(exc)), None, fatal=True)
+                    keep_open = False
                 # One log commit per read covers every frame in it (group commit); the
                 # ack goes out only after it. Acks are cumulative.
                 self.server.wal.commit()
@@ -194,6 +200,7 @@ class AggregatorServer:
         self.open: OpenBuckets[Any, Any] = OpenBuckets(aggregator, config.bucket_seconds)
         self.closing: dict[BucketKey, Entry[Any]] = {}
         self.series: dict[str, set[tuple[str, Any]]] = {}
+        self.series_seen: dict[str, float] = {}
         self.stats = Stats()
         self.should_exit = asyncio.Event()
         self._connections: set[asyncio.Task[None]] = set()
@@ -219,6 +226,7 @@ class AggregatorServer:
         oldest = now - self.config.max_bucket_age
         newest = now + self.config.max_bucket_ahead
         series = self.series.setdefault(run_id, set())
+        self.series_seen[run_id] = now
         new = set()
         for p in partials:
             if p.bucket_seconds != width:
@@ -437,8 +445,16 @@ class AggregatorServer:
         self._release_log()
         return True
 
+    def _forget_idle_runs(self) -> None:
+        """The series cap is per run; a run silent for a day no longer needs its set."""
+        cutoff = time.time() - RUN_IDLE_SECONDS
+        for run_id in [r for r, seen in self.series_seen.items() if seen < cutoff]:
+            del self.series_seen[run_id]
+            self.series.pop(run_id, None)
+
     def _release_log(self) -> None:
         """Drop log segments whose every bucket is written; roll the current one."""
+        self._forget_idle_runs()
         self.wal.rotate_if_due(self.config.bucket_seconds)
         pending = [e.first_segment for e in self.open.entries.values()]
         pending += [e.first_segment for e in self.closing.values()]

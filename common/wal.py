@@ -31,6 +31,10 @@ FSYNC_POLICIES = ("always", "off")
 PRODUCER_TTL_SECONDS = 7 * 24 * 3600
 
 
+class WalCorrupt(Exception):
+    """A damaged record before the last segment: acknowledged data would be lost."""
+
+
 class Record(NamedTuple):
     position: int
     producer: str
@@ -98,12 +102,21 @@ class WriteAheadLog:
             length, crc = _HEADER.unpack_from(data, offset)
             start = offset + _HEADER.size
             payload = data[start:start + length]
-            if len(payload) < length or zlib.crc32(payload) != crc:
+            # A zero length is a zero-filled tail (the size grew, the data never landed).
+            if length == 0 or len(payload) < length or zlib.crc32(payload) != crc:
                 break
-            producer, run_id, seq, body = msgpack.unpackb(payload, raw=False)
+            try:
+                producer, run_id, seq, body = msgpack.unpackb(payload, raw=False)
+            except (ValueError, TypeError):  # msgpack's own errors subclass ValueError
+                break
             yield Record((number << _OFFSET_BITS) | offset, producer, run_id, seq, body)
             offset = start + length
         if offset < len(data):
+            if not last:
+                raise WalCorrupt(
+                    f"{path}: damaged record at byte {offset} of {len(data)} in a segment "
+                    "that is not the last; acknowledged frames after it cannot be read. Move "
+                    "the file aside to start without them.")
             # A torn tail from a crash mid-append: nothing after it was acknowledged.
             with open(path, "r+b") as f:
                 f.truncate(offset)

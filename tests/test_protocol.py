@@ -169,9 +169,14 @@ def test_empty_feed_and_partial_header() -> None:
 def test_zero_length_frame_is_a_framing_error() -> None:
     with pytest.raises(FramingError):
         FrameDecoder().feed(b"\x00\x00\x00\x00")
-    # Also after a good frame in the same chunk.
+    # After a good frame in the same chunk: the good frame first, then the error.
+    decoder = FrameDecoder()
+    good = raw_frame({"type": "ack"})
+    assert decoder.feed(good + b"\x00\x00\x00\x00rest") == [good[4:]]
     with pytest.raises(FramingError):
-        FrameDecoder().feed(raw_frame({"type": "ack"}) + b"\x00\x00\x00\x00rest")
+        decoder.check()
+    with pytest.raises(FramingError):
+        decoder.feed(b"more")
     # And when the zero header arrives split over two chunks.
     decoder = FrameDecoder()
     assert decoder.feed(b"\x00\x00") == []
