@@ -179,8 +179,8 @@ async def test_postgres_outage_loses_nothing(own_postgres: Any, tmp_path: Path) 
     dsn = str(own_postgres.get_uri())
     socket_dir = dsn.split("host=", 1)[1]
     async with (
-        run_server(dsn, tmp_path, protocol.ROLE_TD, grace=0.5) as td,
-        run_server(dsn, tmp_path, protocol.ROLE_NON_TD, grace=0.5) as non_td,
+        run_server(dsn, tmp_path, protocol.ROLE_TD, grace=0.5, bucket_seconds=1) as td,
+        run_server(dsn, tmp_path, protocol.ROLE_NON_TD, grace=0.5, bucket_seconds=1) as non_td,
     ):
         async def outage() -> float:
             await asyncio.sleep(3)
@@ -192,8 +192,9 @@ async def test_postgres_outage_loses_nothing(own_postgres: Any, tmp_path: Path) 
             return time.monotonic()
 
         raw = tmp_path / "raw.json"
+        # One-second buckets: writes are due every second, so the outage must hit some.
         _, restarted = await run_forwarder(td.address, non_td.address, "pg-outage", raw, 12,
-                                           250, outage)
+                                           250, outage, *FORWARD_ONE_SECOND)
         assert td.stats.write_failures > 0, "the outage did not hit a write"
         assert non_td.stats.write_failures > 0, "the outage did not hit a write"
         deadline = time.monotonic() + 30
@@ -201,7 +202,7 @@ async def test_postgres_outage_loses_nothing(own_postgres: Any, tmp_path: Path) 
             assert time.monotonic() < deadline, "queued buckets were never written"
             await asyncio.sleep(0.05)
         recovered = time.monotonic()
-    figures = await verify(dsn, raw, "pg-outage")
+    figures = await verify(dsn, raw, "pg-outage", width=1)
     report("PostgreSQL stopped 6 s", **figures, recovery_s=round(recovered - restarted, 2))
     assert figures["duplicates"] == 0
 
