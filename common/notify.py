@@ -15,7 +15,8 @@ def notify(state: str) -> bool:
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
-            sock.sendto(state.encode(), address)
+            # Never block the event loop on a notify socket nobody reads.
+            sock.sendto(state.encode(), socket.MSG_DONTWAIT, address)
         except OSError:
             return False
     return True
