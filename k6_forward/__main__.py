@@ -6,7 +6,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import os
+import ssl
+import stat
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -14,7 +18,7 @@ from typing import IO, Any
 
 from common import protocol
 from common.cli import run_loop
-from common.config import ForwarderConfig, load
+from common.config import ConfigError, ForwarderConfig, load
 from k6_forward.lines import LineAggregator
 from k6_forward.link import LinkRefused, ServerLink
 
@@ -31,8 +35,25 @@ behind, it stops reading its input and k6 waits on the pipe.
 """
 
 
+def _enlarge_pipe(fd: int) -> None:
+    """Let a pipe hold CHUNK_BYTES, so that one read can take a whole chunk.
+
+    A pipe holds 64 KiB by default, so each read of k6's output would return at most
+    that. Linux only; where it fails, reads just stay smaller.
+    """
+    try:
+        import fcntl  # noqa: PLC0415 - not on every platform
+
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), CHUNK_BYTES)
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 def _open(path: str) -> IO[bytes]:
     if path == "-":
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            _enlarge_pipe(sys.stdin.fileno())
         return sys.stdin.buffer
     if path.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
@@ -62,15 +83,54 @@ async def read_chunks(paths: Sequence[str]) -> AsyncIterator[bytes | None]:
                 stream.close()
 
 
+def feed_chunk(lines: LineAggregator, carry: bytes, chunk: bytes) -> bytes:
+    """Feed the complete lines of carry + chunk; return the incomplete rest (the new carry)."""
+    if not carry:
+        return lines.feed_buffer(chunk)
+    # Complete the carried line on its own, rather than copy the whole chunk behind it.
+    end = chunk.find(b"\n") + 1
+    if not end:
+        return carry + chunk
+    lines.feed_buffer(carry + chunk[:end])
+    return lines.feed_buffer(memoryview(chunk)[end:])
+
+
+def client_security(config: ForwarderConfig) -> tuple[ssl.SSLContext | None, str | None]:
+    """TLS context and token from the config; unreadable files are a ConfigError."""
+    tls = None
+    if config.tls_ca or config.tls_cert or config.tls_key:
+        if bool(config.tls_cert) != bool(config.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        try:
+            tls = ssl.create_default_context(
+                cafile=str(config.tls_ca) if config.tls_ca else None)
+            if config.tls_cert and config.tls_key:
+                tls.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls_ca {config.tls_ca}, tls_cert {config.tls_cert}, "
+                              f"tls_key {config.tls_key}: {exc}") from None
+    token = None
+    if config.token_file:
+        try:
+            token = config.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"token_file {config.token_file}: {exc.strerror}") from None
+    return tls, token
+
+
 class Forwarder:
     def __init__(self, config: ForwarderConfig, run_id: str, producer: str) -> None:
         self.config = config
         tag_keys = tuple(k.strip() for k in config.tags.split(",") if k.strip())
         self.lines = LineAggregator(tag_keys, config.bucket_seconds)
+        tls, token = client_security(config)
         self.td = ServerLink("td-server", config.td, producer, run_id, protocol.ROLE_TD,
-                             config.max_unacked_bytes)
+                             config.max_unacked_bytes, spool_dir=config.spool_dir,
+                             max_spool_bytes=config.max_spool_bytes, tls=tls, token=token)
         self.non_td = ServerLink("non-td-server", config.non_td, producer, run_id,
-                                 protocol.ROLE_NON_TD, config.max_unacked_bytes)
+                                 protocol.ROLE_NON_TD, config.max_unacked_bytes,
+                                 spool_dir=config.spool_dir,
+                                 max_spool_bytes=config.max_spool_bytes, tls=tls, token=token)
         self.items_sent = 0
 
     async def send(self, closed: tuple[list[Any], list[Any]]) -> None:
@@ -90,9 +150,7 @@ class Forwarder:
             if chunk is None:
                 await self.send(self.lines.close_all())
                 continue
-            parts = (carry + chunk).split(b"\n")
-            carry = parts.pop()
-            self.lines.feed(parts)
+            carry = feed_chunk(self.lines, carry, chunk)
             await self.send(self.lines.close_ready(grace))
         if carry.strip():
             # k6 was cut off mid-line: the fragment is reported and counted, not parsed.
@@ -124,7 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not config.run_id:
         print(f"k6-forward: run id {run_id}", file=sys.stderr, flush=True)
     producer = uuid.uuid4().hex
-    forwarder = Forwarder(config, run_id, producer)
+    try:
+        forwarder = Forwarder(config, run_id, producer)
+    except ConfigError as exc:
+        print(f"k6-forward: error: {exc}", file=sys.stderr)
+        return 2
 
     async def go() -> int:
         try:
