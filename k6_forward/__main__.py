@@ -30,8 +30,15 @@ Trend metrics go to td-server as t-digest partials; counters, gauges and rates g
 non-td-server as sums. A bucket's partial is sent once event time (the k6 timestamps)
 has moved LOCAL_GRACE seconds past its end, when input has been idle for 2 s, and at end
 of input; stragglers are sent as further partials. The forwarder exits 0 once both
-servers have acknowledged everything it read. It never drops data: when the servers fall
-behind, it stops reading its input and k6 waits on the pipe.
+servers have acknowledged everything it read.
+
+It never drops data. Every frame is kept until a server acknowledges it and is resent
+after a reconnect (capped exponential backoff); the servers drop duplicates. While a
+server is away, frames are held in memory up to --max-unacked-bytes, then in a spool
+file up to --max-spool-bytes; when both are full it stops reading its input and k6
+waits on the pipe. Lines it cannot use (not JSON, unknown metric type, a point before
+its Metric line, a bad time, a non-finite or huge value, a line cut off at the end) are
+reported with their line number, counted and skipped; the last line sums them up.
 """
 
 

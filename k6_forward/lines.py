@@ -71,6 +71,10 @@ _LINE = re.compile(
 # Items per line in _LINE.split's result: 5 groups and the (empty) text after the line,
 # which _read_values replaces by the line's value as a number.
 _FIELDS = 6
+# Larger magnitudes are taken as corrupt: a few of them would overflow a bucket's sum to
+# infinity, and the server would then refuse the whole frame. 1e20 still admits int64
+# nanosecond timestamps and every byte count or duration k6 produces.
+MAX_ABS_VALUE = 1e20
 _HEAD = b'{"metric":"'
 _TIME = b'","type":"Point","data":{"time":"'
 _VALUE = b'","value":'
@@ -200,8 +204,11 @@ class LineAggregator:
         except TypeError:  # some lines are not fast lines: hold their places
             joined = b",".join([b"0" if text is None else text for text in texts])
         try:
-            parts[_FIELDS::_FIELDS] = orjson.loads(b"[" + joined + b"]")
-            return
+            values = orjson.loads(b"[" + joined + b"]")
+            # min and max run in C: only a buffer holding a huge value pays the loop below.
+            if not values or (max(values) <= MAX_ABS_VALUE and min(values) >= -MAX_ABS_VALUE):
+                parts[_FIELDS::_FIELDS] = values
+                return
         except orjson.JSONDecodeError:
             pass
         numbers: list[Any] = []
@@ -210,6 +217,8 @@ class LineAggregator:
             if text is not None:
                 try:
                     number = orjson.loads(text)
+                    if not -MAX_ABS_VALUE <= number <= MAX_ABS_VALUE:
+                        raise orjson.JSONDecodeError("huge", "", 0)
                 except orjson.JSONDecodeError:
                     # Not a JSON number: the line takes the per-line path, which reports
                     # it with the message orjson gives for the whole line.
@@ -433,6 +442,10 @@ class LineAggregator:
                     return 0
                 if value - value != 0:
                     self.skip(where(), "not_finite", f"value {value!r} is not finite")
+                    return 0
+                if not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
+                    self.skip(where(), "huge_value",
+                              f"value {value!r} is beyond +-{MAX_ABS_VALUE:g}")
                     return 0
                 time_text = data["time"]
                 if not isinstance(time_text, str):
