@@ -240,3 +240,37 @@ async def test_wrong_or_missing_token_is_refused(dsn: str, tmp_path: Path) -> No
             assert answer["fatal"] is True
             assert answer["detail"] == detail
         assert server.stats.refused["bad_token"] == 2
+
+
+async def test_forwarder_over_mutual_tls_with_token(dsn: str, tmp_path: Path,
+                                                    certificates: Path) -> None:
+    """The real k6-forward with --tls-ca/--tls-cert/--tls-key and --token-file."""
+    import sys
+
+    from tests.faults import metric_lines, point_line
+
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    now_ns = (int(time.time()) - 60) * 10**9
+    stream = "\n".join([*metric_lines(),
+                        *(point_line("http_reqs", now_ns + i, 1, {}) for i in range(50)),
+                        *(point_line("http_req_duration", now_ns + i, 2.0 * i, {})
+                          for i in range(50))]) + "\n"
+    tls = {"tls_cert": certificates / "server.pem", "tls_key": certificates / "server.key",
+           "tls_client_ca": certificates / "ca.pem", "token_file": token_file}
+    async with (
+        run_server(dsn, tmp_path, protocol.ROLE_TD, grace=0, **tls) as td,
+        run_server(dsn, tmp_path, protocol.ROLE_NON_TD, grace=0, **tls) as non_td,
+    ):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "k6_forward", "--run-id", "tls",
+            "--td", f"127.0.0.1:{td.address[1]}", "--non-td", f"127.0.0.1:{non_td.address[1]}",
+            "--tls-ca", str(certificates / "ca.pem"), "--tls-cert",
+            str(certificates / "client.pem"), "--tls-key", str(certificates / "client.key"),
+            "--token-file", str(token_file),
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(process.communicate(stream.encode()), 60)
+        assert process.returncode == 0, err.decode()
+        assert td.stats.samples == 50
+        assert non_td.stats.samples == 50
+        assert td.stats.refused == {}
