@@ -207,3 +207,28 @@ async def test_schema_is_idempotent(dsn: str, tmp_path: Path) -> None:
     rows = await fetch(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
                             "ORDER BY 1")
     assert [r[0] for r in rows] == ["counter_buckets", "trend_buckets"]
+
+
+async def test_log_is_bounded_by_unwritten_buckets(dsn: str, tmp_path: Path) -> None:
+    """Over a run of many buckets the log keeps only segments of unwritten buckets."""
+    values = np.arange(1.0, 2001.0)
+    async with run_server(dsn, tmp_path, grace=0, bucket_seconds=1) as server:
+        client = await Client.connect(server.address)
+        sizes = []
+        start = int(time.time()) - 30
+        for seq in range(1, 41):
+            item = protocol.trend_item(TrendPartial(
+                "m", (), start + seq // 2, 1, len(values), math.fsum(values), 1.0, 2000.0,
+                digest.from_values(values)))
+            assert (await client.send(seq, [item]))["type"] == "ack"
+            await asyncio.sleep(0.1)
+            sizes.append(server.wal.size_bytes())
+        await client.close()
+        written_all = server.wal.size_bytes()
+        frame_bytes = len(protocol.data(1, [item]))
+        # 40 frames were logged in all; at most a few seconds' worth is ever kept.
+        assert max(sizes) < 15 * frame_bytes, (max(sizes) // frame_bytes, sizes[-5:])
+        assert sizes[-1] < 15 * frame_bytes
+        assert written_all < 40 * frame_bytes
+    rows = await fetch(dsn, "SELECT sum(count) AS n FROM trend_buckets")
+    assert rows[0]["n"] == 40 * 2000
