@@ -208,6 +208,7 @@ class AggregatorServer:
         self._pool: asyncpg.Pool | None = None
         self._sink: PgSink | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._stop_flushing = asyncio.Event()
         self._watchdog_task: asyncio.Task[None] | None = None
 
     @property
@@ -402,9 +403,16 @@ class AggregatorServer:
     # --- flushing ---------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
+        # Never cancelled mid-write: a cancelled write would leave its batch neither in
+        # the database nor in `closing`. Shutdown sets _stop_flushing and waits for the
+        # current iteration instead.
         delay = self.config.flush_interval
         while True:
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self._stop_flushing.wait(), delay)
+                return
+            except TimeoutError:
+                pass
             self._swap_out(self.open.take_closable(time.time(), self.config.grace))
             if await self.flush_closing():
                 delay = self.config.flush_interval
@@ -474,7 +482,7 @@ class AggregatorServer:
         if self._connections:
             await asyncio.gather(*self._connections, return_exceptions=True)
         if self._flush_task is not None:
-            self._flush_task.cancel()
+            self._stop_flushing.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flush_task
         # 3. Flush every open bucket, closed or not, retrying while the database is away.

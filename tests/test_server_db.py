@@ -232,3 +232,40 @@ async def test_log_is_bounded_by_unwritten_buckets(dsn: str, tmp_path: Path) -> 
         assert written_all < 40 * frame_bytes
     rows = await fetch(dsn, "SELECT sum(count) AS n FROM trend_buckets")
     assert rows[0]["n"] == 40 * 2000
+
+
+async def test_shutdown_during_a_write_loses_nothing(dsn: str, tmp_path: Path) -> None:
+    """SIGTERM while the flush loop waits on the database: that batch is still written."""
+    first, second = np.arange(1.0, 101.0), np.arange(101.0, 151.0)
+    locker = await asyncpg.connect(dsn)
+    try:
+        server_cm = run_server(dsn, tmp_path, grace=0)
+        server = await server_cm.__aenter__()
+        client = await Client.connect(server.address)
+        await client.send(1, [trend_item(first)])
+
+        async def written() -> bool:
+            return server.stats.buckets_written == 1
+
+        await wait_until(written)
+        # Hold the row so that the next write (late data) blocks inside its transaction.
+        transaction = locker.transaction()
+        await transaction.start()
+        await locker.execute("SELECT * FROM trend_buckets FOR UPDATE")
+        await client.send(2, [trend_item(second)])
+        await client.close()
+
+        async def writing() -> bool:
+            return not server.open.entries and server.stats.buckets_written == 1
+
+        await wait_until(writing)
+        await asyncio.sleep(0.3)  # the flush loop is now waiting on the lock
+        stopping = asyncio.create_task(server_cm.__aexit__(None, None, None))
+        await asyncio.sleep(0.5)
+        assert not stopping.done()  # shutdown waits for the write in progress
+        await transaction.commit()
+        await asyncio.wait_for(stopping, 30)
+    finally:
+        await locker.close()
+    rows = await fetch(dsn, "SELECT count, max FROM trend_buckets")
+    assert [tuple(r) for r in rows] == [(150, 150.0)]
