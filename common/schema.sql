@@ -42,3 +42,8 @@ CREATE TABLE IF NOT EXISTS counter_buckets (
 );
 CREATE INDEX IF NOT EXISTS counter_buckets_run_metric_bucket
     ON counter_buckets (run_id, metric, bucket);
+
+-- Columns added after the first release of the schema: older tables gain them in place.
+ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS zeros bigint NOT NULL DEFAULT 0;
+ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS wal_pos bigint NOT NULL DEFAULT 0;
+ALTER TABLE counter_buckets ADD COLUMN IF NOT EXISTS wal_pos bigint NOT NULL DEFAULT 0;

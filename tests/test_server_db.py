@@ -269,3 +269,25 @@ async def test_shutdown_during_a_write_loses_nothing(dsn: str, tmp_path: Path) -
         await locker.close()
     rows = await fetch(dsn, "SELECT count, max FROM trend_buckets")
     assert [tuple(r) for r in rows] == [(150, 150.0)]
+
+
+async def test_schema_upgrades_tables_of_an_older_release(dsn: str, tmp_path: Path) -> None:
+    """Tables made before zeros and wal_pos existed gain them at start."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE trend_buckets (bucket timestamptz NOT NULL, bucket_seconds integer "
+            "NOT NULL, run_id text NOT NULL, metric text NOT NULL, tags jsonb NOT NULL DEFAULT "
+            "'{}', count bigint NOT NULL, sum double precision NOT NULL, min double precision "
+            "NOT NULL, max double precision NOT NULL, mean double precision NOT NULL, p50 "
+            "double precision NOT NULL, p90 double precision NOT NULL, p95 double precision "
+            "NOT NULL, p99 double precision NOT NULL, digest bytea NOT NULL, "
+            "UNIQUE (run_id, metric, tags, bucket))")
+    finally:
+        await conn.close()
+    async with run_server(dsn, tmp_path, grace=0) as server:
+        client = await Client.connect(server.address)
+        assert (await client.send(1, [trend_item(np.arange(1.0, 11.0))]))["type"] == "ack"
+        await client.close()
+    rows = await fetch(dsn, "SELECT count, zeros, wal_pos > 0 AS logged FROM trend_buckets")
+    assert [tuple(r) for r in rows] == [(10, 0, True)]
