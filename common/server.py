@@ -417,7 +417,7 @@ class AggregatorServer:
             if await self.flush_closing():
                 delay = self.config.flush_interval
             else:
-                delay = min(max(delay * 2, 0.5), 4.0)
+                delay = min(max(delay * 2, 0.5), 2.0)
 
     def _swap_out(self, entries: dict[BucketKey, Entry[Any]]) -> None:
         for key, entry in entries.items():

@@ -41,7 +41,7 @@ from k6_forward.spool import Spool, SpoolError
 ITEMS_PER_FRAME = 500
 DEFAULT_MAX_SPOOL_BYTES = 1 << 30
 BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 10.0
+BACKOFF_MAX = 2.0  # a reconnect attempt is cheap; a server back after a restart is found fast
 # While the server stays unreachable, a reminder at most this often.
 STILL_DOWN_EVERY = 60.0
 # After backpressure, input resumes once the spool is below this fraction of its limit,
