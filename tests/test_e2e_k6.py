@@ -17,20 +17,11 @@ import pytest
 from common import digest
 from tests.processes import http_target, k6_pipeline, server_process
 from tests.rawstream import group, load_points
+from tests.utils import fetch, quantile_ok
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 QUANTILE_COLUMNS = ((0.5, "p50"), (0.9, "p90"), (0.95, "p95"), (0.99, "p99"))
-
-
-def quantile_ok(samples: np.ndarray, q: float, estimate: float) -> bool:
-    """Within 1% relative, or 0.2 percentage points of rank, of the exact quantile."""
-    exact = float(np.quantile(samples, q))
-    if abs(estimate - exact) <= 0.01 * abs(exact):
-        return True
-    below = np.count_nonzero(samples < estimate) / len(samples)
-    at_or_below = np.count_nonzero(samples <= estimate) / len(samples)
-    return below - 0.002 <= q <= at_or_below + 0.002
 
 
 async def run_pipeline(dsn: str, tmp_path: Path, generators: int, run_id: str,
@@ -51,14 +42,6 @@ async def run_pipeline(dsn: str, tmp_path: Path, generators: int, run_id: str,
         assert await td.stop() == 0, b"".join(td.stderr_lines).decode()
         assert await non_td.stop() == 0, b"".join(non_td.stderr_lines).decode()
     return raws
-
-
-async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
 
 
 def row_key(row: asyncpg.Record) -> tuple[Any, ...]:

@@ -27,29 +27,12 @@ from tests.conftest import start_postgres, stop_postgres
 from tests.faults import CuttingProxy, feed_stream, forwarder, free_port, report
 from tests.processes import server_process
 from tests.rawstream import group, load_points
-from tests.utils import run_server
+from tests.utils import fetch, quantile_ok, run_server
 
 pytestmark = pytest.mark.timeout(180)
 # One-second buckets keep frames in flight all the time, so that faults hit live traffic.
 ONE_SECOND = ("--bucket-seconds", "1", "--grace", "1")
 FORWARD_ONE_SECOND = ("--bucket-seconds", "1", "--local-grace", "1")
-
-
-async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
-def quantile_ok(samples: np.ndarray, q: float, estimate: float) -> bool:
-    exact = float(np.quantile(samples, q))
-    if abs(estimate - exact) <= 0.01 * abs(exact):
-        return True
-    below = np.count_nonzero(samples < estimate) / len(samples)
-    at_or_below = np.count_nonzero(samples <= estimate) / len(samples)
-    return below - 0.002 <= q <= at_or_below + 0.002
 
 
 async def verify(dsn: str, raw: Path, run_id: str, width: int = 10) -> dict[str, int]:

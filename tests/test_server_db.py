@@ -13,7 +13,7 @@ import pytest
 
 from common import digest, protocol
 from common.protocol import CounterPartial, TrendPartial
-from tests.utils import Client, run_server, wait_until
+from tests.utils import Client, fetch, quantile_ok, run_server, wait_until
 
 OLD_BUCKET = (int(time.time()) - 3600) // 10 * 10  # past, so the flush loop closes it at once
 
@@ -30,26 +30,6 @@ def counter_item(kind: str, values: list[float], last_ns: int, bucket: int = OLD
     return protocol.counter_item(CounterPartial(
         metric, kind, (), bucket, 10, math.fsum(values), len(values),
         sum(1 for v in values if v), min(values), max(values), last_ns, values[-1]))
-
-
-async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
-def rank_ok(samples: np.ndarray, q: float, estimate: float) -> bool:
-    below = np.count_nonzero(samples < estimate) / len(samples)
-    at_or_below = np.count_nonzero(samples <= estimate) / len(samples)
-    return below - 0.002 <= q <= at_or_below + 0.002
-
-
-def within_criterion(samples: np.ndarray, q: float, estimate: float) -> bool:
-    exact = float(np.quantile(samples, q))
-    relative_ok = abs(estimate - exact) <= 0.01 * abs(exact) if exact else estimate == 0
-    return relative_ok or rank_ok(samples, q, estimate)
 
 
 async def test_two_producers_merge_into_one_row(dsn: str, tmp_path: Path) -> None:
@@ -77,7 +57,7 @@ async def test_two_producers_merge_into_one_row(dsn: str, tmp_path: Path) -> Non
     assert row["run_id"] == "r1"
     assert row["bucket"].timestamp() == OLD_BUCKET
     for q, column in ((0.5, "p50"), (0.9, "p90"), (0.95, "p95"), (0.99, "p99")):
-        assert within_criterion(everything, q, row[column]), (q, row[column])
+        assert quantile_ok(everything, q, row[column]), (q, row[column])
     stored = digest.decode(row["digest"])
     assert stored[:, 1].sum() == pytest.approx(len(everything))
 
@@ -106,7 +86,7 @@ async def test_late_data_merges_into_stored_row(dsn: str, tmp_path: Path) -> Non
     assert rows[0]["count"] == 4000
     assert rows[0]["min"] == both.min()
     assert rows[0]["max"] == both.max()
-    assert within_criterion(both, 0.9, rows[0]["p90"])
+    assert quantile_ok(both, 0.9, rows[0]["p90"])
 
 
 async def test_counters_gauges_rates(dsn: str, tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import numpy as np
+
 from common import protocol
 from common.aggregate import Aggregator
 from common.config import ServerConfig
@@ -80,3 +83,23 @@ async def wait_until(predicate: Any, within: float = 10.0) -> None:
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    """Rows of one query on a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def quantile_ok(samples: np.ndarray, q: float, estimate: float) -> bool:
+    """The accuracy criterion: within 1 % relative, or 0.2 percentage points of rank, of
+    the exact quantile (ties: q may fall anywhere in the estimate's rank interval)."""
+    exact = float(np.quantile(samples, q))
+    if abs(estimate - exact) <= 0.01 * abs(exact):
+        return True
+    below = np.count_nonzero(samples < estimate) / len(samples)
+    at_or_below = np.count_nonzero(samples <= estimate) / len(samples)
+    return below - 0.002 <= q <= at_or_below + 0.002
