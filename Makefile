@@ -20,7 +20,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed
-	$(BIN)/python scripts/bench_forwarder.py
+	$(BIN)/python scripts/bench.py
 
 clean:
 	rm -rf $(VENV) .tdagg
