@@ -437,9 +437,9 @@ class AggregatorServer:
         started = time.perf_counter()
         try:
             late = await self._sink.write(batch)
-        except RETRYABLE as exc:
+        except Exception as exc:  # any failure: writes are idempotent, so retry them all
             self.stats.write_failures += 1
-            log.error("database write of %d buckets failed, kept for retry: %s",
+            log.error("database write of %d buckets failed, kept for retry: %r",
                       len(batch), exc)
             # Put the batch back in front of anything closed meanwhile.
             newer, self.closing = self.closing, batch

@@ -96,28 +96,46 @@ class PgSink:
             return int(await conn.fetchval(self._max_position))
 
     async def write(self, entries: dict[BucketKey, Entry[Any]]) -> int:
-        """Write a batch in one transaction; return how many rows held late data."""
+        """Write a batch in one transaction; return how many rows held late data.
+
+        Idempotent, so that any failure may be retried with the same entries: a stored
+        row whose wal_pos already reaches an entry's last log position holds that entry
+        (the commit of an earlier attempt went through), and the entry is skipped.
+        """
         keys = list(entries)
         arrays = self._key_arrays(keys)
         agg = self.aggregator
-        async with self.pool.acquire() as conn, conn.transaction():
-            stored_rows = await conn.fetch(self._select_stored, *arrays)
-            # Late data: merge into a state rebuilt from the stored row, never into the
-            # closing state itself, so that a failed transaction can be retried as is.
-            to_write = {key: entry.state for key, entry in entries.items()}
-            positions = {key: entry.last_position for key, entry in entries.items()}
-            for row in stored_rows:
-                key = keys[row[0] - 1]
-                merged = agg.from_stored(tuple(row)[2:])
-                agg.absorb(merged, entries[key].state)
-                to_write[key] = merged
-                positions[key] = max(positions[key], row[1])
-            await conn.executemany(
-                self._upsert,
-                [
-                    (key[3], self.bucket_seconds, key[0], key[1], tag, *agg.values(to_write[key]),
-                     positions[key])
-                    for key, tag in zip(keys, arrays[2], strict=True)
-                ],
-            )
-        return len(stored_rows)
+        conn = await self.pool.acquire()
+        try:
+            async with conn.transaction():
+                stored_rows = await conn.fetch(self._select_stored, *arrays)
+                # Late data: merge into a state rebuilt from the stored row, never into the
+                # closing state itself, so that a failed attempt can be retried as is.
+                to_write = {key: entry.state for key, entry in entries.items()}
+                positions = {key: entry.last_position for key, entry in entries.items()}
+                late = 0
+                for row in stored_rows:
+                    key = keys[row[0] - 1]
+                    if row[1] >= entries[key].last_position > 0:
+                        del to_write[key]  # written by an attempt whose outcome was unknown
+                        continue
+                    merged = agg.from_stored(tuple(row)[2:])
+                    agg.absorb(merged, entries[key].state)
+                    to_write[key] = merged
+                    positions[key] = max(positions[key], row[1])
+                    late += 1
+                await conn.executemany(
+                    self._upsert,
+                    [
+                        (key[3], self.bucket_seconds, key[0], key[1], tag,
+                         *agg.values(to_write[key]), positions[key])
+                        for key, tag in zip(keys, arrays[2], strict=True) if key in to_write
+                    ],
+                )
+        finally:
+            try:
+                await self.pool.release(conn)
+            except Exception as exc:  # the commit above stands; only the connection is bad
+                log.warning("could not return a database connection to the pool: %r", exc)
+                conn.terminate()
+        return late

@@ -271,3 +271,19 @@ async def test_schema_upgrades_tables_of_an_older_release(dsn: str, tmp_path: Pa
         await client.close()
     rows = await fetch(dsn, "SELECT count, zeros, wal_pos > 0 AS logged FROM trend_buckets")
     assert [tuple(r) for r in rows] == [(10, 0, True)]
+
+
+async def test_retrying_a_write_whose_commit_went_through_counts_once(dsn: str,
+                                                                     tmp_path: Path) -> None:
+    """A write can fail after its commit (e.g. returning the connection); the retry of the
+    same batch must find its rows by wal_pos and not add them again."""
+    async with run_server(dsn, tmp_path, grace=3600) as server:
+        client = await Client.connect(server.address)
+        await client.send(1, [trend_item(np.arange(1.0, 101.0))])
+        await client.close()
+        batch = server.open.take_all()
+        assert server._sink is not None
+        assert await server._sink.write(batch) == 0
+        assert await server._sink.write(batch) == 0  # the "retry"
+    rows = await fetch(dsn, "SELECT count, sum FROM trend_buckets")
+    assert [tuple(r) for r in rows] == [(100, 5050.0)]
