@@ -27,8 +27,8 @@ from common.wal import WriteAheadLog, segment_of
 
 log = logging.getLogger("tdagg.server")
 
-# Database errors worth retrying: the server is down, restarting or unreachable.
 RUN_IDLE_SECONDS = 24 * 3600
+# Database errors that mean "not reachable now" (for /healthz).
 RETRYABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 

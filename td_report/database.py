@@ -21,19 +21,11 @@ import orjson
 
 from common import embedded
 from common.cli import choose_database as server_choose_database
-from common.config import ServerConfig, default_data_dir
+from common.config import ServerConfig, _optional_text, default_data_dir
 
 
 class ReportError(Exception):
     """Bad input or an empty selection: printed as ``td-report: error: ...``, exit 2."""
-
-
-def _optional_text(text: Any) -> str | None:
-    if text is None or text == "":
-        return None
-    if not isinstance(text, str):
-        raise ValueError(f"expected a string, got {type(text).__name__}")
-    return text
 
 
 def _path(text: Any) -> Path:

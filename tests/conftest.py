@@ -9,6 +9,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -53,13 +54,28 @@ def pg_admin_dsn(pg_server: object) -> str:
     return str(pg_server.get_uri())  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-async def dsn(pg_server: object, pg_admin_dsn: str) -> str:
-    """DSN of a new, empty database for this test only."""
+async def create_database(pg_server: object) -> str:
+    """DSN of a new, empty database on the session's PostgreSQL."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(pg_admin_dsn)
+    conn = await asyncpg.connect(str(pg_server.get_uri()))  # type: ignore[attr-defined]
     try:
         await conn.execute(f"CREATE DATABASE {name}")
     finally:
         await conn.close()
     return str(pg_server.get_uri(database=name))  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def dsn(pg_server: object) -> str:
+    """DSN of a new, empty database for this test only."""
+    return await create_database(pg_server)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[Any]:
+    """A PostgreSQL of this test's own, so that stopping it harms no other test."""
+    parent = Path(tempfile.mkdtemp(prefix="tdagg-test-own-pg-"))
+    server = start_postgres(parent)
+    yield server
+    stop_postgres(server)
+    shutil.rmtree(parent, ignore_errors=True)

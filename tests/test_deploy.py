@@ -57,6 +57,7 @@ from common.config import (
     TdServerConfig,
     load,
 )
+from tests.conftest import create_database
 from tests.processes import BIN, http_target, k6_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -980,21 +981,11 @@ async def deploy_and_run(dsn: str, root: Path) -> Deployment:
     return Deployment(dsn, run_id, exit_codes, stderr, notifications, health, refused)
 
 
-async def _create_database(pg_server: Any, admin_dsn: str) -> str:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    return str(pg_server.get_uri(database=name))
-
-
 @pytest.fixture(scope="module")
-def deployment(pg_server: Any, pg_admin_dsn: str,
+def deployment(pg_server: Any,
                tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """One real run: k6 -> k6-forward -> both servers started as their units start them."""
-    dsn = asyncio.run(_create_database(pg_server, pg_admin_dsn))
+    dsn = asyncio.run(create_database(pg_server))
     return asyncio.run(deploy_and_run(dsn, tmp_path_factory.mktemp("deploy")))
 
 

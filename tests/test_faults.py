@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,6 @@ import numpy as np
 import pytest
 
 from common import protocol
-from tests.conftest import start_postgres, stop_postgres
 from tests.faults import CuttingProxy, feed_stream, forwarder, free_port, report
 from tests.processes import server_process
 from tests.rawstream import group, load_points
@@ -137,16 +133,6 @@ async def test_kill_9_mid_stream_loses_and_doubles_nothing(dsn: str, tmp_path: P
     figures = await verify(dsn, raw, "kill9", width=1)
     report(f"kill -9 {victim}", **figures, recovery_s=round(reconnected - restarted, 2))
     assert figures["duplicates"] == 0
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[Any]:
-    """A PostgreSQL of this test's own, so that stopping it harms no other test."""
-    parent = Path(tempfile.mkdtemp(prefix="tdagg-test-own-pg-"))
-    server = start_postgres(parent)
-    yield server
-    stop_postgres(server)
-    shutil.rmtree(parent, ignore_errors=True)
 
 
 def _pg_ctl(server: Any, *args: str) -> None:

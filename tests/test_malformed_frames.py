@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgpack
 import numpy as np
 import orjson
@@ -27,7 +26,7 @@ import pytest
 from common import digest, protocol
 from common.server import AggregatorServer
 from td_server.aggregator import QUANTILES
-from tests.utils import Client, run_server, wait_until
+from tests.utils import Client, fetch, run_server, wait_until
 
 TD, NON_TD = protocol.ROLE_TD, protocol.ROLE_NON_TD
 OLD_BUCKET = (int(time.time()) - 3600) // 10 * 10  # recent past: the flush loop closes it
@@ -367,14 +366,6 @@ async def garbage_round(server: AggregatorServer, role: str) -> tuple[Counter[st
 
 
 # --- good data ---------------------------------------------------------------------------------
-
-
-async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
 
 
 async def prefill_series_cap(address: tuple[str, int], role: str) -> None:

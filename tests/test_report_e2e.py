@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +22,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import numpy as np
 import pytest
 
+from tests.conftest import create_database
 from tests.processes import http_target, k6_pipeline, server_process
 from tests.rawstream import load_points
 from tests.test_e2e_k6 import quantile_ok
@@ -64,16 +63,6 @@ class Data:
     options: Path
 
 
-async def _create_database(admin_dsn: str) -> str:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    return name
-
-
 async def _run_pipeline(dsn: str, tmp: Path, summary: Path, options: Path) -> None:
     """Both runs through one pair of servers; k6 exits 99 on the solo run's thresholds."""
     async with (
@@ -96,10 +85,9 @@ async def _run_pipeline(dsn: str, tmp: Path, summary: Path, options: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def data(pg_server: Any, pg_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Data:
+def data(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Data:
     """A database of its own for this module, filled once by the real pipeline."""
-    name = asyncio.run(_create_database(pg_admin_dsn))
-    dsn = str(pg_server.get_uri(database=name))
+    dsn = asyncio.run(create_database(pg_server))
     tmp = tmp_path_factory.mktemp("report")
     options = tmp / "options.json"
     options.write_text(json.dumps(K6_OPTIONS))

@@ -6,13 +6,10 @@ import asyncio
 import logging
 import math
 import os
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,6 @@ import pytest
 
 from common import digest, protocol
 from common.protocol import TrendPartial
-from tests.conftest import start_postgres, stop_postgres
 from tests.processes import server_process
 from tests.utils import Client, run_server, wait_until
 
@@ -115,15 +111,6 @@ async def test_metrics_endpoint_counts_what_happened(dsn: str, tmp_path: Path) -
         assert await http_get(server.metrics.address, "/healthz") == (200, "ok\n")
         assert (await http_get(server.metrics.address, "/nope"))[0] == 404
         await client.close()
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[Any]:
-    parent = Path(tempfile.mkdtemp(prefix="tdagg-test-health-pg-"))
-    server = start_postgres(parent)
-    yield server
-    stop_postgres(server)
-    shutil.rmtree(parent, ignore_errors=True)
 
 
 async def test_healthz_is_503_without_the_database(own_postgres: Any, tmp_path: Path) -> None:
