@@ -16,7 +16,7 @@ from common import digest
 from td_report.thresholds import Expression
 
 # Stored digests are compressed together once this many centroids are pending, so that
-# memory stays bounded; below it (every run of ordinary size) they are merged once.
+# memory stays bounded; below it (every run of ordinary size) they are read stacked.
 _MERGE_AFTER_CENTROIDS = 200_000
 
 
@@ -77,10 +77,10 @@ class TrendAccumulator:
                 self.pending = len(self.parts[0])
 
     def merged(self) -> digest.Centroids:
+        """Every part's centroids, read as one digest (not compressed: more detail)."""
         if self._merged is None:
-            self._merged = digest.merge(self.parts)
+            self._merged = digest.stack(self.parts)
             self.parts = [self._merged] if len(self._merged) else []
-            self.pending = len(self._merged)
         return self._merged
 
     def quantiles(self, qs: Sequence[float]) -> list[float]:

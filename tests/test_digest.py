@@ -17,6 +17,7 @@ import math
 import struct
 from collections.abc import Callable
 
+import fastdigest
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -75,6 +76,14 @@ def pipeline_quantiles(pieces: list[Floats], qs: tuple[float, ...] | list[float]
     values = np.concatenate(pieces)
     merged, zeros = split_and_merge(pieces)
     return digest.quantiles(merged, qs, float(values.min()), float(values.max()), zeros)
+
+
+def stacked_quantiles(pieces: list[Floats], qs: tuple[float, ...] | list[float]) -> list[float]:
+    """Quantiles as a query reads them: each piece's digest stored, then read stacked."""
+    values = np.concatenate(pieces)
+    splits = [digest.split_zeros(p) for p in pieces]
+    return digest.quantiles_of_parts([c for c, _ in splits], qs, float(values.min()),
+                                     float(values.max()), sum(z for _, z in splits))
 
 
 def problems_of(values: Floats, qs: tuple[float, ...] | list[float],
@@ -494,6 +503,7 @@ def test_quantile_accuracy(name: str, n: int, parts: int, seed: int) -> None:
     assert_well_formed(merged, n - zeros)
     estimates = digest.quantiles(merged, QS, float(values.min()), float(values.max()), zeros)
     assert problems_of(values, QS, estimates) == []
+    assert problems_of(values, QS, stacked_quantiles(pieces, QS)) == []
 
 
 @pytest.mark.parametrize("name", list(DISTRIBUTIONS))
@@ -550,10 +560,11 @@ def test_point_mass_ending_near_a_reported_quantile(q: float, negative_share: fl
     problems = []
     for step in range(-20, 21):
         values = point_mass_values(rng, magnitudes, q, step, negative_share)
-        (estimate,) = pipeline_quantiles(split_unevenly(rng, values, parts), [q])
+        pieces = split_unevenly(rng, values, parts)
         share = np.count_nonzero(values <= 0.0) / n
-        problems += [f"zeros end at {share:.4f}: {p}" for p in problems_of(values, [q],
-                                                                          [estimate])]
+        for how, read in (("merged", pipeline_quantiles), ("stacked", stacked_quantiles)):
+            problems += [f"{how}, zeros end at {share:.4f}: {p}"
+                         for p in problems_of(values, [q], read(pieces, [q]))]
     assert problems == []
 
 
@@ -577,7 +588,63 @@ def test_zero_mass_starting_near_a_reported_quantile(q: float) -> None:
         values[:start] = -rng.uniform(0.0001, 0.05, start)
         values[start : start + (n - start) // 3] = 0.0
         rng.shuffle(values)
-        (estimate,) = pipeline_quantiles(split_unevenly(rng, values, 2), [q])
-        problems += [f"negatives end at {start / n:.4f}: {p}"
-                     for p in problems_of(values, [q], [estimate])]
+        pieces = split_unevenly(rng, values, 2)
+        for how, read in (("merged", pipeline_quantiles), ("stacked", stacked_quantiles)):
+            problems += [f"{how}, negatives end at {start / n:.4f}: {p}"
+                         for p in problems_of(values, [q], read(pieces, [q]))]
     assert problems == []
+
+
+# --- the quantile function against fastdigest's own -----------------------------------
+
+
+def fastdigest_of(centroids: Floats) -> fastdigest.TDigest:
+    return fastdigest.TDigest.from_values(centroids[:, 0], centroids[:, 1],
+                                          max_centroids=digest.MAX_CENTROIDS)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_quantiles_equal_fastdigest_quantile(seed: int) -> None:
+    """common.digest reads quantiles in numpy; they must be fastdigest's, so that stored
+    figures do not depend on which of the two computed them."""
+    rng = np.random.default_rng([7, seed])
+    values = rng.lognormal(0.0, 1.0, int(rng.integers(1, 20_000)))
+    if seed % 3 == 0:
+        values = np.round(values, 1)  # point masses: several centroids of one value
+    centroids = digest.from_values(values)
+    qs = [float(q) for q in np.linspace(0.0, 1.0, 201)] + [0.999, 0.9999]
+    ours = digest.quantiles(centroids, qs, -math.inf, math.inf)
+    theirs = fastdigest_of(centroids).quantile_vec(qs)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_negative_share_equals_fastdigest_cdf(seed: int) -> None:
+    """With zeros and values of both signs, the zeros start at the digest's cdf(0)."""
+    rng = np.random.default_rng([8, seed])
+    values = rng.normal(0.2, 1.0, int(rng.integers(2, 5_000)))
+    if seed % 3 == 0:
+        values = np.round(values, 1)
+    centroids, zeros = digest.split_zeros(np.concatenate([values, np.zeros(500)]))
+    nonzero = float(centroids[:, 1].sum())
+    zeros_start = fastdigest_of(centroids).cdf(0.0) * nonzero / (nonzero + zeros)
+    lo, hi = float(values.min()), float(values.max())
+    # Just below the start the estimate is negative; just after it, exactly zero.
+    if zeros_start > 0.001:
+        assert digest.quantiles(centroids, [zeros_start - 1e-9], lo, hi, zeros)[0] < 0.0
+    assert digest.quantiles(centroids, [zeros_start + 1e-9], lo, hi, zeros) == [0.0]
+
+
+def test_quantiles_of_parts_reads_the_union() -> None:
+    """Stacked parts in any order read as one digest of all their centroids."""
+    a = np.array([[1.0, 1.0], [2.0, 3.0]])
+    b = np.array([[4.0, 4.0], [8.0, 2.0]])
+    union = np.array([[1.0, 1.0], [2.0, 3.0], [4.0, 4.0], [8.0, 2.0]])
+    qs = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
+    expected = fastdigest_of(union).quantile_vec(qs)
+    assert digest.quantiles_of_parts([b, digest.EMPTY, a], qs, 1.0, 8.0) == pytest.approx(expected)
+
+
+def test_quantiles_of_no_parts() -> None:
+    assert all(math.isnan(v) for v in digest.quantiles_of_parts([], [0.5], 0.0, 1.0))
+    assert digest.quantiles_of_parts([digest.EMPTY], [0.5, 0.9], 0.0, 0.0, zeros=3) == [0.0, 0.0]
