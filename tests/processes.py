@@ -93,8 +93,16 @@ async def k6_pipeline(base: str, raw_path: Path, td: tuple[str, int], non_td: tu
     forward = (f"{sys.executable} -m k6_forward --run-id {run_id} "
                f"--td {td[0]}:{td[1]} --non-td {non_td[0]}:{non_td[1]}")
     command = f"set -o pipefail; {k6} 2>/dev/null | tee {raw_path} | {forward}"
+    # A session of its own, so that a test cancelled mid-run (timeout) kills the whole
+    # pipeline, not just bash.
     process = await asyncio.create_subprocess_exec(
         "bash", "-c", command, env=env, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL)
-    _, err = await process.communicate()
+        stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+    try:
+        _, err = await process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await asyncio.shield(process.wait())
+        raise
     return process.returncode or 0, err.decode()
