@@ -457,7 +457,7 @@ def forwarder_section(procs: Processes, plan: Plan) -> dict[str, Any]:
 
 @dataclass
 class K6Run:
-    mode: str  # "null" (--out json=/dev/null) or "pipe" (--out json=- | k6-forward)
+    mode: str  # "null" (json=/dev/null), "parse" (json=- | orjson.loads), "pipe" (| k6-forward)
     rate: int
     seconds: int
     repeat: int
@@ -508,6 +508,10 @@ def watch(children: dict[str, subprocess.Popen[bytes]], timeout: float,
     return exited, cpu
 
 
+# The issue's reference consumer: reads k6's output through a pipe and parses each line.
+PARSE_CONSUMER = "import sys, orjson\nfor line in sys.stdin.buffer:\n    orjson.loads(line)\n"
+
+
 def run_k6(procs: Processes, workdir: Path, base: str, mode: str, rate: int, seconds: int,
            repeat: int, servers: tuple[Server, Server], target: subprocess.Popen[bytes],
            ) -> K6Run:
@@ -527,6 +531,13 @@ def run_k6(procs: Processes, workdir: Path, base: str, mode: str, rate: int, sec
         if mode == "null":
             children = {"k6": procs.spawn(argv, env=env, stdout=subprocess.DEVNULL,
                                           stderr=k6_err)}
+        elif mode == "parse":
+            k6 = procs.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=k6_err)
+            consumer = procs.spawn([PY, "-c", PARSE_CONSUMER], stdin=k6.stdout,
+                                   stdout=subprocess.DEVNULL, stderr=fwd_err)
+            assert k6.stdout is not None
+            k6.stdout.close()
+            children = {"k6": k6, "parser": consumer}
         else:
             k6 = procs.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=k6_err)
             forwarder = procs.spawn(
@@ -544,6 +555,9 @@ def run_k6(procs: Processes, workdir: Path, base: str, mode: str, rate: int, sec
     if code != 0 or not summary.exists():
         raise BenchError(f"k6 ({mode}, {rate}/s) exited {code}:\n{k6_log.read_text()[-2000:]}")
     lag, done = None, None
+    if "parser" in children and children["parser"].returncode != 0:
+        raise BenchError(f"the parse-only consumer exited {children['parser'].returncode}:\n"
+                         f"{fwd_log.read_text()[-2000:]}")
     if "forwarder" in children:
         if children["forwarder"].returncode != 0:
             raise BenchError(f"k6-forward exited {children['forwarder'].returncode}:\n"
@@ -571,10 +585,12 @@ def k6_section(procs: Processes, pg: Postgres, plan: Plan, workdir: Path,
     try:
         turn = 0
         for rate in plan.k6_rates:
-            for repeat in range(plan.k6_repeats if rate in K6_TARGET_RATES else 1):
-                # Alternate which mode goes first, so a drift in background load favours
-                # neither.
-                modes = ("null", "pipe") if turn % 2 == 0 else ("pipe", "null")
+            target_rate = rate in K6_TARGET_RATES
+            for repeat in range(plan.k6_repeats if target_rate else 1):
+                # Rotate which mode goes first, so a drift in background load favours
+                # none. The parse-only reference runs at the target rates only.
+                modes = ("null", "parse", "pipe") if target_rate else ("null", "pipe")
+                modes = modes[turn % len(modes):] + modes[:turn % len(modes)]
                 turn += 1
                 for mode in modes:
                     run = run_k6(procs, workdir, base, mode, rate, plan.k6_seconds, repeat,
@@ -586,17 +602,20 @@ def k6_section(procs: Processes, pg: Postgres, plan: Plan, workdir: Path,
     finally:
         stop_server(procs, td)
         stop_server(procs, non_td)
-    best = {(mode, rate): best_run([r for r in runs if r.mode == mode and r.rate == rate])
-            for mode in ("null", "pipe") for rate in plan.k6_rates}
+    best = {(mode, rate): best_run(chosen)
+            for mode in ("null", "parse", "pipe") for rate in plan.k6_rates
+            if (chosen := [r for r in runs if r.mode == mode and r.rate == rate])}
     pairs = []
     for rate in plan.k6_rates:
         null, pipe = best[("null", rate)], best[("pipe", rate)]
         completed = pipe.summary.iterations / max(null.summary.iterations, 1)
         extra_dropped = pipe.summary.dropped - null.summary.dropped
         allowed = K6_DROPPED_ALLOWANCE * pipe.scheduled
+        parse = best.get(("parse", rate))
         pairs.append({
             "rate": rate, "scheduled": pipe.scheduled,
             "null": asdict(null.summary), "pipe": asdict(pipe.summary),
+            "parse": asdict(parse.summary) if parse else None,
             "completed_ratio": completed,
             "extra_dropped": extra_dropped,
             "extra_dropped_share": extra_dropped / pipe.scheduled,
@@ -1288,6 +1307,14 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str, 
                          "of scheduled)",
                          f"≤ /dev/null + {_n(pair['allowed_extra_dropped'])}"
                          + ("" if binding else " (reported)"), _ok(pair["dropped_ok"])))
+            parse = pair.get("parse")
+            if parse:
+                rows.append((f"reference: k6 → orjson.loads-only reader at {_n(rate)}/s",
+                             f"{_n(parse['iterations'])} completed, {_n(parse['dropped'])} "
+                             "dropped", f"--out json=/dev/null: {_n(null['iterations'])}, "
+                             f"{_n(null['dropped'])}",
+                             _r(parse["iterations"] / max(null["iterations"], 1), 3), "—",
+                             "—"))
         clean = k6["highest_clean"]
 
         def show(v: int | None) -> str:
@@ -1455,6 +1482,9 @@ def _render_k6(k6: dict[str, Any] | None, add: Callable[[str], None]) -> None:
         "in each mode, the other rates once:")
     add("")
     add("- **null**: `k6 run --out json=/dev/null` — the same JSON encoding, no reader;")
+    add("- **parse** (target rates only): `k6 run --out json=- | python -c '...'` where the "
+        "reader only runs `orjson.loads` on every line — the least any Python consumer of "
+        "the lines can do, as a reference;")
     add("- **pipe**: `k6 run --out json=- | k6-forward` to a real td-server and non-td-server "
         "(port 0, embedded PostgreSQL, write-ahead log with fsync).")
     add("")
@@ -1470,28 +1500,34 @@ def _render_k6(k6: dict[str, Any] | None, add: Callable[[str], None]) -> None:
         "else the machine runs.")
     add("")
     add("| rate/s | mode | # | completed | dropped | http_reqs/s | p95 ms | lag s | lines "
-        "forwarded | CPU s: k6 | forwarder | servers | target |")
+        "forwarded | CPU s: k6 | reader | servers | target |")
     add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(k6["runs"], key=lambda r: (r["rate"], r["mode"], r["repeat"])):
         s = r["summary"]
         lag = "—" if r["forwarder_lag_s"] is None else f"{r['forwarder_lag_s']:.2f}"
         lines = "—" if r["forwarder"] is None else _n(r["forwarder"]["lines"])
         cpu = r["cpu_s"]
-        fwd = f"{cpu['forwarder']:.1f}" if "forwarder" in cpu else "—"
+        reader = cpu.get("forwarder", cpu.get("parser"))
+        fwd = "—" if reader is None else f"{reader:.1f}"
         add(f"| {_n(r['rate'])} | {r['mode']} | {r['repeat'] + 1} | {_n(s['iterations'])} | "
             f"{_n(s['dropped'])} | {_n(s['http_reqs_per_s'])} | {s['p95_ms']:.2f} | {lag} | "
             f"{lines} | {cpu['k6']:.1f} | {fwd} | {cpu['servers']:.2f} | "
             f"{cpu['target']:.1f} |")
     add("")
     add("| rate/s | scheduled | completed pipe / null | ≥ 0.99 | dropped null → pipe | extra "
-        "dropped | ≤ 0.5 % of scheduled | ≤ 0.5 % of rate |")
-    add("|---:|---:|---:|:-:|---:|---:|:-:|:-:|")
+        "dropped | ≤ 0.5 % of scheduled | ≤ 0.5 % of rate | parse-only: completed / null, "
+        "dropped |")
+    add("|---:|---:|---:|:-:|---:|---:|:-:|:-:|---:|")
     for p in k6["pairs"]:
+        parse = p.get("parse")
+        reference = "—" if not parse else (
+            f"{parse['iterations'] / max(p['null']['iterations'], 1):.3f}, "
+            f"{_n(parse['dropped'])}")
         add(f"| {_n(p['rate'])} | {_n(p['scheduled'])} | {p['completed_ratio']:.3f} | "
             f"{_ok(p['completed_ok'])} | {_n(p['null']['dropped'])} → "
             f"{_n(p['pipe']['dropped'])} | {p['extra_dropped']:+,} "
             f"({_pct(p['extra_dropped_share'])}) | {_ok(p['dropped_ok'])} | "
-            f"{_ok(p['dropped_ok_strict'])} |")
+            f"{_ok(p['dropped_ok_strict'])} | {reference} |")
     add("")
     clean = k6["highest_clean"]
     add(f"Highest rate tried with no dropped iteration: pipe "
