@@ -6,7 +6,7 @@ The machine this runs on is small (2 cores) and shared, so no absolute figure is
 on its own: each one is divided by a ceiling or an alternative measured by the same
 invocation, on the same machine, minutes apart at most.
 
-    python scripts/bench.py             # whole run, about 6 minutes
+    python scripts/bench.py             # whole run, about 10 minutes
     python scripts/bench.py --quick     # smaller inputs and fewer rates, under 3 minutes
     python scripts/bench.py --output /tmp/B.md --json /tmp/B.json
 
@@ -119,12 +119,12 @@ class Plan:
     producers: int = 4
     tcp_rounds: int = 3
     k6_repeats: int = 3  # at the target rates (5,000 and 10,000/s); once at the others
-    query_runs: int = 5
+    query_runs: int = 15
 
 
 FULL = Plan(quick=False, forwarder_args=(),
             k6_rates=(1000, 2500, 4000, 5000, 7500, 10000),
-            k6_seconds=10, record_seconds=60, td_series=2500, td_buckets=2,
+            k6_seconds=10, record_seconds=180, td_series=2500, td_buckets=2,
             td_items_per_frame=250, non_td_series=12500, non_td_buckets=4,
             non_td_items_per_frame=1000, memory_series=10000, accuracy_copies=8)
 QUICK = Plan(quick=True, forwarder_args=("--copies", "4", "--repeat", "1"),
@@ -1405,7 +1405,7 @@ def render(result: dict[str, Any]) -> str:
         "that the embedded PostgreSQL and the `k6` binary are there):")
     add("")
     add("```sh")
-    add("python scripts/bench.py           # everything, about 6 minutes")
+    add("python scripts/bench.py           # everything, about 10 minutes")
     add("python scripts/bench.py --quick   # smaller inputs, rates 5,000 and 10,000/s only, "
         "under 3 minutes")
     add("python scripts/bench.py --json results.json   # also the raw figures")

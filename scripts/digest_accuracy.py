@@ -126,9 +126,14 @@ def _project(max_centroids: int | None = None) -> Setting:
         under(digest.from_values), under(digest.merge), under(digest.quantiles), len)
 
 
+# How queries read stored digests: the parts' centroids stacked, not recompressed.
+STACKED = Setting(
+    f"common.digest (fastdigest {digest.MAX_CENTROIDS}), parts read stacked", "common.digest",
+    digest.from_values, digest.stack, digest.quantiles, len)
+
 SETTINGS = [_pytdigest(100), _pytdigest(500), _pytdigest(1000),
             _fastdigest(100), _fastdigest(150), _fastdigest(300), _project(),
-            _project(300)]
+            _project(150), STACKED]
 PROJECT = SETTINGS[6].label
 
 
