@@ -20,6 +20,7 @@ import asyncpg
 from common import protocol
 from common.aggregate import Aggregator, BucketKey, Entry, OpenBuckets, absorb_entry
 from common.config import ConfigError, ServerConfig
+from common.group_commit import GroupCommit
 from common.notify import notify, watchdog_interval
 from common.selfmetrics import Histogram, MetricsEndpoint, exposition
 from common.sink import PgSink, ensure_schema
@@ -123,9 +124,10 @@ class Connection:
                 except protocol.FramingError as exc:
                     self.refuse(protocol.Refused("bad_framing", str(exc)), None, fatal=True)
                     keep_open = False
-                # One log commit per read covers every frame in it (group commit); the
-                # ack goes out only after it. Acks are cumulative.
-                self.server.wal.commit()
+                # One log commit per read covers every frame in it, shared with other
+                # connections committing at the same time; the ack goes out only after
+                # it. Acks are cumulative.
+                await self.server.group_commit.commit()
                 if highest_ack:
                     self.writer.write(protocol.ack(highest_ack))
                 await self.writer.drain()
@@ -194,6 +196,7 @@ class AggregatorServer:
         )
         state_dir = config.state_dir or config.data_dir / f"{aggregator.role}_server"
         self.wal = WriteAheadLog(state_dir, config.wal_fsync)
+        self.group_commit = GroupCommit(self.wal)
         self.tls = tls_context(config)
         self.token = read_token(config)
         self.metrics: MetricsEndpoint | None = None
@@ -492,6 +495,7 @@ class AggregatorServer:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         # 4. Close the log (everything in it is now in the database) and the pool.
+        self.group_commit.close()
         self.wal.close()
         if self.metrics is not None:
             await self.metrics.close()

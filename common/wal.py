@@ -147,15 +147,27 @@ class WriteAheadLog:
     def commit(self) -> None:
         """Hand appended records to the OS and, under the 'always' policy, to the disk.
 
-        Called once per batch of frames, before their acknowledgement is sent: the OS
-        copy survives kill -9 of the server; the fsync also survives a power cut.
+        The OS copy survives kill -9 of the server; the fsync also survives a power cut.
+        The server's connections use ``common.group_commit`` instead, which runs the
+        fsync off the event loop; this inline form is for rotation and shutdown.
         """
-        if not self._dirty or self._file is None:
-            return
-        self._file.flush()
-        if self.fsync == "always":
+        if self.flush() and self.fsync == "always":
+            assert self._file is not None
             os.fdatasync(self._file.fileno())
+
+    def flush(self) -> bool:
+        """Hand appended records to the OS; True if there were any since the last flush."""
+        if not self._dirty or self._file is None:
+            return False
+        self._file.flush()
         self._dirty = False
+        return True
+
+    def dup_fd(self) -> int:
+        """A new descriptor of the current segment, for a worker thread to fdatasync and
+        close: a rotation may close the segment's own descriptor meanwhile."""
+        assert self._file is not None, "open() first"
+        return os.dup(self._file.fileno())
 
     def ensure_after(self, position: int) -> None:
         """Continue in a segment numbered above ``position``'s (a wiped state dir)."""

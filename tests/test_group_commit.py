@@ -1,0 +1,232 @@
+"""Group commit (common/group_commit.py) over a real write-ahead log in a temporary
+directory. The sync function is a stand-in that blocks until the test lets it finish,
+so that what waits for what can be observed; one test uses the real fdatasync."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from common.group_commit import GroupCommit
+from common.wal import WriteAheadLog
+
+
+class GatedSync:
+    """fdatasync stand-in: records what it synced, finishes when the test opens a gate."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []  # file sizes seen at each sync's start
+        self.gates: list[threading.Event] = []
+        self.fail_next = False
+        self._lock = threading.Lock()
+
+    def __call__(self, descriptor: int) -> None:
+        gate = threading.Event()
+        with self._lock:
+            self.started.append(os.fstat(descriptor).st_size)
+            self.gates.append(gate)
+        assert gate.wait(10), "the test never opened the gate"
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(5, "Input/output error")
+
+    def open(self, index: int) -> None:
+        self.gates[index].set()
+
+
+def append(log: WriteAheadLog, seq: int) -> None:
+    log.append("p", "r", seq, msgpack.packb({"seq": seq}))
+
+
+async def until(condition: Callable[[], object]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[WriteAheadLog]:
+    wal = WriteAheadLog(tmp_path, "always")
+    wal.open()
+    yield wal
+    wal.close()
+
+
+def logged_seqs(directory: Path) -> list[int]:
+    """Sequence numbers of every record a fresh reader of the directory finds."""
+    reader = WriteAheadLog(directory, "off")
+    try:
+        return [r.seq for r in reader.open()]
+    finally:
+        reader.close()
+
+
+async def test_commit_waits_for_a_sync_of_its_records(log: WriteAheadLog) -> None:
+    sync = GatedSync()
+    group = GroupCommit(log, sync)
+    append(log, 1)
+    size = log._offset  # noqa: SLF001 - the bytes appended so far
+    first = asyncio.create_task(group.commit())
+    await until(lambda: sync.started)
+    # The records were handed to the OS before the sync started, and it saw them.
+    assert sync.started == [size]
+    await asyncio.sleep(0.05)
+    assert not first.done()  # no acknowledgement before the sync has finished
+    sync.open(0)
+    await asyncio.wait_for(first, 5)
+    assert group.syncs == 1
+    group.close()
+
+
+async def test_the_loop_keeps_running_during_a_sync(log: WriteAheadLog) -> None:
+    sync = GatedSync()
+    group = GroupCommit(log, sync)
+    append(log, 1)
+    waiting = asyncio.create_task(group.commit())
+    await until(lambda: sync.started)
+    ticks = 0
+    for _ in range(20):  # other connections' work goes on
+        await asyncio.sleep(0)
+        ticks += 1
+    assert ticks == 20
+    assert not waiting.done()
+    sync.open(0)
+    await waiting
+    group.close()
+
+
+async def test_callers_during_a_sync_share_the_next_one(log: WriteAheadLog) -> None:
+    sync = GatedSync()
+    group = GroupCommit(log, sync)
+    append(log, 1)
+    first = asyncio.create_task(group.commit())
+    await until(lambda: len(sync.started) == 1)
+    # Three more connections append and commit while the first sync runs.
+    later = []
+    for seq in (2, 3, 4):
+        append(log, seq)
+        later.append(asyncio.create_task(group.commit()))
+    await asyncio.sleep(0.05)
+    assert len(sync.started) == 1  # nobody starts a second sync while one runs
+    sync.open(0)
+    await first
+    # The first sync started before records 2-4 were flushed: it does not cover them.
+    await until(lambda: len(sync.started) == 2)
+    assert not any(t.done() for t in later)
+    assert sync.started[1] == log._offset  # noqa: SLF001 - the second sees all four
+    sync.open(1)
+    await asyncio.wait_for(asyncio.gather(*later), 5)
+    assert group.syncs == 2
+    group.close()
+
+
+async def test_nothing_new_still_waits_for_a_sync_in_flight(log: WriteAheadLog) -> None:
+    """A frame acknowledged as a duplicate may have been appended by another connection
+    whose sync is still running: the duplicate's ack must wait for it too."""
+    sync = GatedSync()
+    group = GroupCommit(log, sync)
+    append(log, 1)
+    first = asyncio.create_task(group.commit())
+    await until(lambda: sync.started)
+    duplicate = asyncio.create_task(group.commit())  # appended nothing itself
+    await asyncio.sleep(0.05)
+    assert not duplicate.done()
+    sync.open(0)
+    await asyncio.wait_for(asyncio.gather(first, duplicate), 5)
+    assert len(sync.started) == 1
+    group.close()
+
+
+async def test_a_failed_sync_fails_its_waiters_and_the_next_commit_retries(
+        log: WriteAheadLog) -> None:
+    sync = GatedSync()
+    sync.fail_next = True
+    group = GroupCommit(log, sync)
+    append(log, 1)
+    first = asyncio.create_task(group.commit())
+    await until(lambda: sync.started)
+    sync.open(0)
+    with pytest.raises(OSError, match="Input/output error"):
+        await first
+    retry = asyncio.create_task(group.commit())  # the records are still not on disk
+    await until(lambda: len(sync.started) == 2)
+    sync.open(1)
+    await asyncio.wait_for(retry, 5)
+    assert group.syncs == 1
+    group.close()
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_sync(log: WriteAheadLog) -> None:
+    sync = GatedSync()
+    group = GroupCommit(log, sync)
+    append(log, 1)
+    cancelled = asyncio.create_task(group.commit())
+    await until(lambda: sync.started)
+    other = asyncio.create_task(group.commit())
+    await asyncio.sleep(0)
+    cancelled.cancel()  # shutdown cancels one connection
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    sync.open(0)
+    await asyncio.wait_for(other, 5)
+    assert group.syncs == 1
+    group.close()
+
+
+async def test_fsync_off_never_syncs(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path, "off")
+    wal.open()
+    sync = GatedSync()
+    group = GroupCommit(wal, sync)
+    append(wal, 1)
+    await asyncio.wait_for(group.commit(), 5)
+    assert sync.started == []
+    # ... but the records reached the OS: a fresh reader sees them.
+    assert logged_seqs(tmp_path) == [1]
+    group.close()
+    wal.close()
+
+
+async def test_real_fdatasync_across_a_rotation(log: WriteAheadLog, tmp_path: Path) -> None:
+    """With the real fdatasync: commits before and after a segment rotation all return,
+    and every record reads back from the segments."""
+    group = GroupCommit(log)
+    seq = 0
+    for _ in range(3):
+        for _ in range(5):
+            seq += 1
+            append(log, seq)
+        await asyncio.gather(group.commit(), group.commit())
+        log.rotate_if_due(0.0)
+    group.close()
+    log.close()
+    assert logged_seqs(tmp_path) == list(range(1, 16))
+
+
+async def test_a_caller_arriving_as_a_sync_completes(log: WriteAheadLog) -> None:
+    """Regression: the sync's completion is queued on the loop, and a new caller runs
+    before the completion's callbacks. It must wait for (or start) a sync, not spin on
+    the finished one and freeze the loop."""
+    sync = GatedSync()
+    group = GroupCommit(log, sync)
+    append(log, 1)
+    first = asyncio.create_task(group.commit())
+    await until(lambda: sync.started)
+    sync.open(0)
+    time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop on purpose: the worker finishes
+    append(log, 2)
+    second = asyncio.create_task(group.commit())  # queued after that completion
+    await until(lambda: len(sync.started) == 2 or second.done())
+    sync.open(1)
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert len(sync.started) == 2
+    group.close()
