@@ -53,6 +53,17 @@ async def until(condition: Callable[[], object]) -> None:
         await asyncio.sleep(0.001)
 
 
+async def committing(log: WriteAheadLog, sync: GatedSync | None = None,
+                     ) -> tuple[GatedSync, GroupCommit, asyncio.Task[None]]:
+    """A group commit over ``log`` whose first caller (record 1) waits in the first sync."""
+    sync = sync or GatedSync()
+    group = GroupCommit(log, sync)
+    append(log, 1)
+    first = asyncio.create_task(group.commit())
+    await until(lambda: sync.started)
+    return sync, group, first
+
+
 @pytest.fixture
 def log(tmp_path: Path) -> Iterator[WriteAheadLog]:
     wal = WriteAheadLog(tmp_path, "always")
@@ -71,14 +82,9 @@ def logged_seqs(directory: Path) -> list[int]:
 
 
 async def test_commit_waits_for_a_sync_of_its_records(log: WriteAheadLog) -> None:
-    sync = GatedSync()
-    group = GroupCommit(log, sync)
-    append(log, 1)
-    size = log._offset  # noqa: SLF001 - the bytes appended so far
-    first = asyncio.create_task(group.commit())
-    await until(lambda: sync.started)
+    sync, group, first = await committing(log)
     # The records were handed to the OS before the sync started, and it saw them.
-    assert sync.started == [size]
+    assert sync.started == [log._offset]  # noqa: SLF001 - the bytes appended so far
     await asyncio.sleep(0.05)
     assert not first.done()  # no acknowledgement before the sync has finished
     sync.open(0)
@@ -88,11 +94,7 @@ async def test_commit_waits_for_a_sync_of_its_records(log: WriteAheadLog) -> Non
 
 
 async def test_the_loop_keeps_running_during_a_sync(log: WriteAheadLog) -> None:
-    sync = GatedSync()
-    group = GroupCommit(log, sync)
-    append(log, 1)
-    waiting = asyncio.create_task(group.commit())
-    await until(lambda: sync.started)
+    sync, group, waiting = await committing(log)
     ticks = 0
     for _ in range(20):  # other connections' work goes on
         await asyncio.sleep(0)
@@ -105,11 +107,7 @@ async def test_the_loop_keeps_running_during_a_sync(log: WriteAheadLog) -> None:
 
 
 async def test_callers_during_a_sync_share_the_next_one(log: WriteAheadLog) -> None:
-    sync = GatedSync()
-    group = GroupCommit(log, sync)
-    append(log, 1)
-    first = asyncio.create_task(group.commit())
-    await until(lambda: len(sync.started) == 1)
+    sync, group, first = await committing(log)
     # Three more connections append and commit while the first sync runs.
     later = []
     for seq in (2, 3, 4):
@@ -132,11 +130,7 @@ async def test_callers_during_a_sync_share_the_next_one(log: WriteAheadLog) -> N
 async def test_nothing_new_still_waits_for_a_sync_in_flight(log: WriteAheadLog) -> None:
     """A frame acknowledged as a duplicate may have been appended by another connection
     whose sync is still running: the duplicate's ack must wait for it too."""
-    sync = GatedSync()
-    group = GroupCommit(log, sync)
-    append(log, 1)
-    first = asyncio.create_task(group.commit())
-    await until(lambda: sync.started)
+    sync, group, first = await committing(log)
     duplicate = asyncio.create_task(group.commit())  # appended nothing itself
     await asyncio.sleep(0.05)
     assert not duplicate.done()
@@ -148,12 +142,9 @@ async def test_nothing_new_still_waits_for_a_sync_in_flight(log: WriteAheadLog) 
 
 async def test_a_failed_sync_fails_its_waiters_and_the_next_commit_retries(
         log: WriteAheadLog) -> None:
-    sync = GatedSync()
-    sync.fail_next = True
-    group = GroupCommit(log, sync)
-    append(log, 1)
-    first = asyncio.create_task(group.commit())
-    await until(lambda: sync.started)
+    failing = GatedSync()
+    failing.fail_next = True
+    sync, group, first = await committing(log, failing)
     sync.open(0)
     with pytest.raises(OSError, match="Input/output error"):
         await first
@@ -166,11 +157,7 @@ async def test_a_failed_sync_fails_its_waiters_and_the_next_commit_retries(
 
 
 async def test_a_cancelled_waiter_does_not_cancel_the_sync(log: WriteAheadLog) -> None:
-    sync = GatedSync()
-    group = GroupCommit(log, sync)
-    append(log, 1)
-    cancelled = asyncio.create_task(group.commit())
-    await until(lambda: sync.started)
+    sync, group, cancelled = await committing(log)
     other = asyncio.create_task(group.commit())
     await asyncio.sleep(0)
     cancelled.cancel()  # shutdown cancels one connection
@@ -216,11 +203,7 @@ async def test_a_caller_arriving_as_a_sync_completes(log: WriteAheadLog) -> None
     """Regression: the sync's completion is queued on the loop, and a new caller runs
     before the completion's callbacks. It must wait for (or start) a sync, not spin on
     the finished one and freeze the loop."""
-    sync = GatedSync()
-    group = GroupCommit(log, sync)
-    append(log, 1)
-    first = asyncio.create_task(group.commit())
-    await until(lambda: sync.started)
+    sync, group, first = await committing(log)
     sync.open(0)
     time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop on purpose: the worker finishes
     append(log, 2)
