@@ -69,7 +69,7 @@ def quantiles(
 ) -> list[float]:
     """Quantiles of a digest plus ``zeros`` exact zeros, clamped to the exact min and max.
 
-    ``centroids`` may be several digests stacked in any order (see ``quantiles_of_parts``).
+    ``centroids`` may be several digests stacked (see ``stack``); they are read as one.
     The rank q * n is located among: the negative values (from the digest), then the
     zeros (exact), then the positive values (from the digest).
     """
@@ -99,20 +99,13 @@ def quantiles(
     return result
 
 
-def quantiles_of_parts(
-    parts: Sequence[Centroids], qs: Sequence[float], lo: float, hi: float, zeros: int = 0
-) -> list[float]:
-    """Quantiles of the union of several digests, read without compressing them first.
+def stack(parts: Sequence[Centroids]) -> Centroids:
+    """The union of several digests' centroids, sorted by mean, not compressed.
 
     For a query that merges stored digests only to read a few quantiles: compressing
     the union into MAX_CENTROIDS centroids costs more than reading the quantiles, and
     keeps less detail than the union has.
     """
-    return quantiles(stack(parts), qs, lo, hi, zeros)
-
-
-def stack(parts: Sequence[Centroids]) -> Centroids:
-    """The union of several digests' centroids, sorted by mean, not compressed."""
     parts = [p for p in parts if len(p)]
     if len(parts) <= 1:
         return parts[0] if parts else EMPTY

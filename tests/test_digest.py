@@ -82,8 +82,8 @@ def stacked_quantiles(pieces: list[Floats], qs: tuple[float, ...] | list[float])
     """Quantiles as a query reads them: each piece's digest stored, then read stacked."""
     values = np.concatenate(pieces)
     splits = [digest.split_zeros(p) for p in pieces]
-    return digest.quantiles_of_parts([c for c, _ in splits], qs, float(values.min()),
-                                     float(values.max()), sum(z for _, z in splits))
+    return digest.quantiles(digest.stack([c for c, _ in splits]), qs, float(values.min()),
+                            float(values.max()), sum(z for _, z in splits))
 
 
 def problems_of(values: Floats, qs: tuple[float, ...] | list[float],
@@ -635,16 +635,22 @@ def test_negative_share_equals_fastdigest_cdf(seed: int) -> None:
     assert digest.quantiles(centroids, [zeros_start + 1e-9], lo, hi, zeros) == [0.0]
 
 
-def test_quantiles_of_parts_reads_the_union() -> None:
+def test_stacked_parts_read_as_their_union() -> None:
     """Stacked parts in any order read as one digest of all their centroids."""
     a = np.array([[1.0, 1.0], [2.0, 3.0]])
     b = np.array([[4.0, 4.0], [8.0, 2.0]])
     union = np.array([[1.0, 1.0], [2.0, 3.0], [4.0, 4.0], [8.0, 2.0]])
     qs = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
     expected = fastdigest_of(union).quantile_vec(qs)
-    assert digest.quantiles_of_parts([b, digest.EMPTY, a], qs, 1.0, 8.0) == pytest.approx(expected)
+    stacked = digest.stack([b, digest.EMPTY, a])
+    np.testing.assert_array_equal(stacked, union)
+    assert digest.quantiles(stacked, qs, 1.0, 8.0) == pytest.approx(expected)
+    # Unsorted stacks (as concatenated in SQL) read the same.
+    assert digest.quantiles(np.concatenate([b, a]), qs, 1.0, 8.0) == pytest.approx(expected)
 
 
-def test_quantiles_of_no_parts() -> None:
-    assert all(math.isnan(v) for v in digest.quantiles_of_parts([], [0.5], 0.0, 1.0))
-    assert digest.quantiles_of_parts([digest.EMPTY], [0.5, 0.9], 0.0, 0.0, zeros=3) == [0.0, 0.0]
+def test_stack_of_no_parts() -> None:
+    assert len(digest.stack([])) == 0
+    assert all(math.isnan(v) for v in digest.quantiles(digest.stack([]), [0.5], 0.0, 1.0))
+    assert digest.quantiles(digest.stack([digest.EMPTY]), [0.5, 0.9], 0.0, 0.0, zeros=3) == [
+        0.0, 0.0]
