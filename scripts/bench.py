@@ -531,23 +531,19 @@ def run_k6(procs: Processes, workdir: Path, base: str, mode: str, rate: int, sec
         if mode == "null":
             children = {"k6": procs.spawn(argv, env=env, stdout=subprocess.DEVNULL,
                                           stderr=k6_err)}
-        elif mode == "parse":
-            k6 = procs.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=k6_err)
-            consumer = procs.spawn([PY, "-c", PARSE_CONSUMER], stdin=k6.stdout,
-                                   stdout=subprocess.DEVNULL, stderr=fwd_err)
-            assert k6.stdout is not None
-            k6.stdout.close()
-            children = {"k6": k6, "parser": consumer}
         else:
+            if mode == "parse":
+                reader, reader_argv = "parser", [PY, "-c", PARSE_CONSUMER]
+            else:
+                reader, reader_argv = "forwarder", [
+                    PY, "-m", "k6_forward", "--run-id", f"rate-{rate}-{repeat}", "--td",
+                    td.address, "--non-td", non_td.address, "--spool-dir",
+                    str(workdir / "spool")]
             k6 = procs.spawn(argv, env=env, stdout=subprocess.PIPE, stderr=k6_err)
-            forwarder = procs.spawn(
-                [PY, "-m", "k6_forward", "--run-id", f"rate-{rate}-{repeat}", "--td",
-                 td.address, "--non-td", non_td.address, "--spool-dir",
-                 str(workdir / "spool")],
-                stdin=k6.stdout, stdout=subprocess.DEVNULL, stderr=fwd_err)
+            children = {"k6": k6, reader: procs.spawn(
+                reader_argv, stdin=k6.stdout, stdout=subprocess.DEVNULL, stderr=fwd_err)}
             assert k6.stdout is not None
-            k6.stdout.close()  # the forwarder holds the only read end
-            children = {"k6": k6, "forwarder": forwarder}
+            k6.stdout.close()  # the reader holds the only read end
         exited, cpu = watch(children, seconds + 300)
     for name, pids in background.items():
         cpu[name] = sum(cpu_seconds(pid) for pid in pids) - before[name]
