@@ -119,7 +119,8 @@ async def test_single_generator_whole_run_p95_matches_k6_summary(dsn: str,
     for metric in ("http_req_duration", "http_req_waiting", "iteration_duration",
                    "cart_value", "group_duration"):
         mine = [r for r in rows if r["metric"] == metric]
-        merged = digest.merge([digest.decode(r["digest"]) for r in mine])
+        # Read as td-report reads a whole run: every bucket's digest, stacked.
+        merged = digest.stack([digest.decode(r["digest"]) for r in mine])
         lo = min(r["min"] for r in mine)
         hi = max(r["max"] for r in mine)
         zeros = sum(r["zeros"] for r in mine)
