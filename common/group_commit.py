@@ -27,7 +27,7 @@ class GroupCommit:
         self._flushed = 0  # flushes that handed new records to the OS
         self._synced = 0  # every flush up to this one is on disk
         self._running: asyncio.Task[None] | None = None
-        self.syncs = 0  # completed syncs, for tests and metrics
+        self.syncs = 0  # completed syncs, shown in /metrics
 
     async def commit(self) -> None:
         """Return once everything appended so far is durable (per the log's policy).

@@ -359,6 +359,9 @@ class AggregatorServer:
              [(f'{label},reason="{r}"', n) for r, n in sorted(s.refused.items())]),
             ("tdagg_wal_bytes", gauge, "write-ahead log size on disk",
              [(label, self.wal.size_bytes())]),
+            ("tdagg_wal_syncs_total", counter,
+             "fdatasync calls of the write-ahead log; each covers every connection waiting",
+             [(label, self.group_commit.syncs)]),
             ("tdagg_db_write_seconds", "histogram", "database batch write latency",
              [(label, s.write_seconds)]),
         ])

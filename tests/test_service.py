@@ -107,6 +107,8 @@ async def test_metrics_endpoint_counts_what_happened(dsn: str, tmp_path: Path) -
         assert samples[f"tdagg_db_write_seconds_count{{{label}}}"] == 1
         assert samples[f'tdagg_db_write_seconds_bucket{{{label},le="+Inf"}}'] == 1
         assert samples[f"tdagg_wal_bytes{{{label}}}"] > 0
+        # One data frame was logged; the refused one added nothing to sync.
+        assert samples[f"tdagg_wal_syncs_total{{{label}}}"] == 1
         assert "# TYPE tdagg_db_write_seconds histogram" in body
         assert await http_get(server.metrics.address, "/healthz") == (200, "ok\n")
         assert (await http_get(server.metrics.address, "/nope"))[0] == 404
