@@ -8,7 +8,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -16,6 +16,7 @@ import pytest
 
 from common.group_commit import GroupCommit
 from common.wal import WriteAheadLog
+from tests.utils import wait_until
 
 
 class GatedSync:
@@ -45,14 +46,6 @@ def append(log: WriteAheadLog, seq: int) -> None:
     log.append("p", "r", seq, msgpack.packb({"seq": seq}))
 
 
-async def until(condition: Callable[[], object]) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5.0
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.001)
-
-
 async def committing(log: WriteAheadLog, sync: GatedSync | None = None,
                      ) -> tuple[GatedSync, GroupCommit, asyncio.Task[None]]:
     """A group commit over ``log`` whose first caller (record 1) waits in the first sync."""
@@ -60,7 +53,7 @@ async def committing(log: WriteAheadLog, sync: GatedSync | None = None,
     group = GroupCommit(log, sync)
     append(log, 1)
     first = asyncio.create_task(group.commit())
-    await until(lambda: sync.started)
+    await wait_until(lambda: sync.started)
     return sync, group, first
 
 
@@ -118,7 +111,7 @@ async def test_callers_during_a_sync_share_the_next_one(log: WriteAheadLog) -> N
     sync.open(0)
     await first
     # The first sync started before records 2-4 were flushed: it does not cover them.
-    await until(lambda: len(sync.started) == 2)
+    await wait_until(lambda: len(sync.started) == 2)
     assert not any(t.done() for t in later)
     assert sync.started[1] == log._offset  # noqa: SLF001 - the second sees all four
     sync.open(1)
@@ -149,7 +142,7 @@ async def test_a_failed_sync_fails_its_waiters_and_the_next_commit_retries(
     with pytest.raises(OSError, match="Input/output error"):
         await first
     retry = asyncio.create_task(group.commit())  # the records are still not on disk
-    await until(lambda: len(sync.started) == 2)
+    await wait_until(lambda: len(sync.started) == 2)
     sync.open(1)
     await asyncio.wait_for(retry, 5)
     assert group.syncs == 1
@@ -208,7 +201,7 @@ async def test_a_caller_arriving_as_a_sync_completes(log: WriteAheadLog) -> None
     time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop on purpose: the worker finishes
     append(log, 2)
     second = asyncio.create_task(group.commit())  # queued after that completion
-    await until(lambda: len(sync.started) == 2 or second.done())
+    await wait_until(lambda: len(sync.started) == 2 or second.done())
     sync.open(1)
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert len(sync.started) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -76,13 +77,19 @@ class Client:
             await self.writer.wait_closed()
 
 
-async def wait_until(predicate: Any, within: float = 10.0) -> None:
+async def wait_until(predicate: Any, within: float = 10.0, every: float = 0.05) -> None:
+    """Poll ``predicate`` (a plain or an async function) until it is true."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    while not await predicate():
+
+    async def holds() -> bool:
+        result = predicate()
+        return bool(await result if inspect.isawaitable(result) else result)
+
+    while not await holds():
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every)
 
 
 async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
