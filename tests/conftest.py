@@ -40,13 +40,18 @@ def stop_postgres(server: object) -> None:
         server.cleanup()  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[object]:
-    parent = Path(tempfile.mkdtemp(prefix="tdagg-test-pg-"))
+def _temporary_postgres(prefix: str) -> Iterator[Any]:
+    """A PostgreSQL in a new temporary directory, removed with it afterwards."""
+    parent = Path(tempfile.mkdtemp(prefix=prefix))
     server = start_postgres(parent)
     yield server
     stop_postgres(server)
     shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    yield from _temporary_postgres("tdagg-test-pg-")
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +79,4 @@ async def dsn(pg_server: object) -> str:
 @pytest.fixture
 def own_postgres() -> Iterator[Any]:
     """A PostgreSQL of this test's own, so that stopping it harms no other test."""
-    parent = Path(tempfile.mkdtemp(prefix="tdagg-test-own-pg-"))
-    server = start_postgres(parent)
-    yield server
-    stop_postgres(server)
-    shutil.rmtree(parent, ignore_errors=True)
+    yield from _temporary_postgres("tdagg-test-own-pg-")
