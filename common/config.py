@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import redact
+
 
 class ConfigError(Exception):
     """An invalid setting: names the key, the source and the expected form."""
@@ -39,12 +41,26 @@ def _positive_int(text: Any) -> int:
     return value
 
 
+def _at_least(text: Any, low: int) -> int:
+    value = _positive_int(text)
+    if value < low:
+        raise ValueError(f"expected an integer >= {low}")
+    return value
+
+
 def _non_negative_float(text: Any) -> float:
     if isinstance(text, bool) or not isinstance(text, int | float | str):
         raise ValueError(f"expected a number, got {type(text).__name__}")
     value = float(text)
     if not value >= 0 or value == float("inf"):
         raise ValueError("expected a finite number >= 0")
+    return value
+
+
+def _positive_float(text: Any) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise ValueError("expected a number > 0")
     return value
 
 
@@ -86,8 +102,11 @@ def default_data_dir() -> Path:
     return Path(base) / "tdagg"
 
 
-def _field(default: Any, parse: Callable[[Any], Any], help: str, form: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "help": help, "form": form})
+def _field(default: Any, parse: Callable[[Any], Any], help: str, form: str,
+           secret: bool = False) -> Any:
+    """A setting; ``secret=True`` masks its value in --print-config and in errors."""
+    return field(default=default,
+                 metadata={"parse": parse, "help": help, "form": form, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -123,7 +142,10 @@ class ServerConfig:
     max_name_length: int = _field(
         200, _positive_int, "longest metric name, run id or producer id", "CHARS")
     max_tags: int = _field(32, _positive_int, "tags per series", "INT")
-    max_tag_length: int = _field(256, _positive_int, "longest tag key or value", "CHARS")
+    max_tag_length: int = _field(
+        256, lambda text: _at_least(text, 34),
+        "longest tag key or value; longer ones are shortened to this many characters, "
+        "ending in '~' and 16 hex digits of their hash", "CHARS >= 34")
     max_series_per_run: int = _field(
         100_000, _positive_int, "distinct (metric, tags) series accepted per run id", "INT")
     max_bucket_age: float = _field(
@@ -132,6 +154,20 @@ class ServerConfig:
     max_bucket_ahead: float = _field(
         3600.0, _non_negative_float,
         "newest bucket accepted, in seconds after now (clock skew)", "SECONDS")
+    max_connections: int = _field(
+        4096, _positive_int,
+        "forwarder connections served at once; more are closed at once with a log line "
+        "(also kept below the open-files limit)", "INT")
+    max_buffered_bytes: int = _field(
+        256 * 1024 * 1024, _positive_int,
+        "bytes of incomplete frames held over all connections; a connection that would "
+        "take the total past it is closed, and its forwarder resends later", "BYTES")
+    hello_timeout: float = _field(
+        10.0, _positive_float, "seconds a new connection has to send its hello", "SECONDS")
+    idle_timeout: float = _field(
+        900.0, _positive_float,
+        "seconds without a byte after which a connection is closed (forwarders reconnect)",
+        "SECONDS")
     metrics_listen: tuple[str, int] | None = _field(
         ("127.0.0.1", 9410), _optional_hostport,
         "HTTP address for /metrics and /healthz ('' to disable)", "HOST:PORT")
@@ -254,17 +290,34 @@ def resolve(cls: type, args: argparse.Namespace, environ: Mapping[str, str]) -> 
             values[f.name] = f.metadata["parse"](value)
         except (ValueError, TypeError) as exc:
             raise ConfigError(
-                f"{f.name} = {value!r} from {source}: {exc or 'invalid'}; "
+                f"{f.name} = {_shown(f, value)!r} from {source}: {exc or 'invalid'}; "
                 f"expected {f.metadata['form']}"
             ) from None
         sources[f.name] = source
     return cls(**values, sources=sources)
 
 
+def _shown(f: dataclasses.Field[Any], value: Any) -> Any:
+    """``value`` of setting ``f`` as it may be printed: never a password or token.
+
+    A DSN keeps its user, hosts and database (common.redact masks its passwords); any
+    other setting marked ``secret`` in its metadata, or whose name says password, passwd,
+    token or secret, is masked whole unless it is a path (a token *file* is not a secret).
+    """
+    if value is None or value == "":
+        return value
+    if f.name == "dsn" or f.name.endswith("_dsn"):
+        return redact.redact_dsn(value) if isinstance(value, str) else redact.MASK
+    if f.metadata.get("secret") or (redact.is_secret_name(f.name)
+                                    and not isinstance(value, Path)):
+        return redact.MASK
+    return value
+
+
 def describe(config: Any) -> str:
     lines = []
     for f in _settings(type(config)):
-        value = getattr(config, f.name)
+        value = _shown(f, getattr(config, f.name))
         if isinstance(value, tuple):
             value = f"{value[0]}:{value[1]}"
         elif value is None:

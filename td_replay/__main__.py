@@ -30,6 +30,7 @@ import numpy as np
 from common import embedded
 from common.cli import choose_database, run_loop
 from common.config import ForwarderConfig, ServerConfig, default_data_dir, parse_hostport
+from common.redact import format_exception, known_secrets, redact_text
 from common.timebucket import NS_PER_S
 from k6_forward.link import LinkRefused
 from td_replay import procs
@@ -289,13 +290,15 @@ class Replay:
         self.recording = recording
         self.console = console
         self.dsn = dsn
+        self.secrets = known_secrets(args.dsn, dsn)
         self.run_id = args.run_id or f"replay-{uuid.uuid4().hex[:12]}"
         self.started_servers: list[procs.ServerProcess] = []
         self.temp = Path(tempfile.mkdtemp(prefix="td-replay-"))
         self.generators: list[Generator] = []
 
     def say(self, text: str) -> None:
-        self.console.message(f"{PROG}: {text}")
+        # Redacted: a server's log tail or a database error may echo the DSN.
+        self.console.message(f"{PROG}: {redact_text(text, self.secrets)}")
 
     async def _servers(self) -> list[ServerFigures]:
         args = self.args
@@ -529,12 +532,15 @@ async def _reachable(name: str, address: tuple[str, int]) -> None:
 
 
 async def amain(args: argparse.Namespace, recording: Recording, console: Console) -> int:
+    # No message shows a password: asyncpg's errors may echo the DSN (common.redact).
+    secrets = known_secrets(args.dsn)
     try:
         dsn = resolve_dsn(args)
     except embedded.EmbeddedUnavailable as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return EXIT_SETUP
     replay = Replay(args, recording, console, dsn)
+    secrets = replay.secrets
     outcome: Outcome | None = None
     try:
         try:
@@ -543,15 +549,16 @@ async def amain(args: argparse.Namespace, recording: Recording, console: Console
             await replay.stop_servers(outcome)
     except (SetupError, RuntimeError) as exc:
         console.finish()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return EXIT_SETUP
     except LinkRefused as exc:
         console.finish()
-        print(f"{PROG}: error: a server refused the replay: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: a server refused the replay: {redact_text(str(exc), secrets)}",
+              file=sys.stderr)
         return EXIT_MISMATCH
     except _DB_ERRORS as exc:
         console.finish()
-        print(f"{PROG}: error: database: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: database: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return EXIT_SETUP
     finally:
         replay.cleanup()
@@ -576,6 +583,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.finish()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a traceback still, but never with a password in it
+        console.finish()
+        print(format_exception(exc, known_secrets(args.dsn)), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from common.redact import dsn_secrets, redact_text
 from td_replay.recording import MetricFigures
 
 # (metric, bucket start) of every row of the run, whichever table holds it.
@@ -145,7 +146,8 @@ class Watcher:
                 await self.poll()
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self.errors += 1
-                self.last_error = str(exc)
+                # Shown in the summary: never with the DSN's password (common.redact).
+                self.last_error = redact_text(str(exc), dsn_secrets(self.dsn))
                 await self.close()
                 await asyncio.sleep(1.0)
             await asyncio.sleep(self.poll_seconds)

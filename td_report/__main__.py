@@ -13,6 +13,7 @@ from typing import IO
 import asyncpg
 
 from common.config import load
+from common.redact import format_exception, known_secrets, redact_text
 from td_report import html, render
 from td_report.database import (
     Reader,
@@ -122,7 +123,8 @@ def collect_thresholds(args: argparse.Namespace) -> tuple[Threshold, ...]:
 async def _connect(dsn: str, label: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn or None, timeout=30)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (TimeoutError, OSError, ValueError, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as exc:  # ValueError: a DSN asyncpg cannot parse
         raise ConnectionError(f"cannot connect to the database {label}: {exc}") from None
 
 
@@ -163,18 +165,23 @@ def _write(stream: IO[str], text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = load(ReportConfig, PROG, DESCRIPTION, argv, extra=_add_arguments)
+    # No message shows a password: asyncpg's errors may echo the DSN (common.redact).
+    secrets = known_secrets(config.dsn)
     try:
         return _main(config, args)
     except ReportError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:
         # The reader went away (td-report ... | head): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except ConnectionError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return EXIT_DATABASE
+    except Exception as exc:  # a traceback still, but never with a password in it
+        print(format_exception(exc, secrets), end="", file=sys.stderr)
+        return 1
 
 
 def _main(config: ReportConfig, args: argparse.Namespace) -> int:
