@@ -120,11 +120,11 @@ async def start_server(module: str, name: str, dsn: str, state_dir: Path,
     the port. Raises RuntimeError (with the server's output) if it does not get there."""
     command = [sys.executable, "-m", module, "--listen", "127.0.0.1:0",
                "--state-dir", str(state_dir), "--metrics-listen", "", *extra]
-    if dsn:
-        command[3:3] = ["--dsn", dsn]
+    # The DSN goes by environment, not argv, where ps would show its password.
+    env = {**os.environ, "TDAGG_DSN": dsn} if dsn else None
     process = await asyncio.create_subprocess_exec(
         *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE, env=env)
     assert process.stderr is not None
     lines: list[bytes] = []
     try:
