@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 from common.group_commit import GroupCommit
-from common.wal import WriteAheadLog
+from common.wal import WalWriteError, WriteAheadLog, read_log
 from tests.utils import wait_until
 
 
@@ -67,17 +67,18 @@ def log(tmp_path: Path) -> Iterator[WriteAheadLog]:
 
 def logged_seqs(directory: Path) -> list[int]:
     """Sequence numbers of every record a fresh reader of the directory finds."""
-    reader = WriteAheadLog(directory, "off")
-    try:
-        return [r.seq for r in reader.open()]
-    finally:
-        reader.close()
+    return [r.seq for r in read_log(directory)]
+
+
+def written(log: WriteAheadLog) -> int:
+    """Bytes of the current segment handed to the OS."""
+    return log.written_position - (log.segment << 40)
 
 
 async def test_commit_waits_for_a_sync_of_its_records(log: WriteAheadLog) -> None:
     sync, group, first = await committing(log)
     # The records were handed to the OS before the sync started, and it saw them.
-    assert sync.started == [log._offset]  # noqa: SLF001 - the bytes appended so far
+    assert sync.started == [written(log)]  # the bytes appended so far
     await asyncio.sleep(0.05)
     assert not first.done()  # no acknowledgement before the sync has finished
     sync.open(0)
@@ -113,7 +114,7 @@ async def test_callers_during_a_sync_share_the_next_one(log: WriteAheadLog) -> N
     # The first sync started before records 2-4 were flushed: it does not cover them.
     await wait_until(lambda: len(sync.started) == 2)
     assert not any(t.done() for t in later)
-    assert sync.started[1] == log._offset  # noqa: SLF001 - the second sees all four
+    assert sync.started[1] == written(log)  # the second sees all four
     sync.open(1)
     await asyncio.wait_for(asyncio.gather(*later), 5)
     assert group.syncs == 2
@@ -133,19 +134,120 @@ async def test_nothing_new_still_waits_for_a_sync_in_flight(log: WriteAheadLog) 
     group.close()
 
 
-async def test_a_failed_sync_fails_its_waiters_and_the_next_commit_retries(
-        log: WriteAheadLog) -> None:
-    failing = GatedSync()
-    failing.fail_next = True
-    sync, group, first = await committing(log, failing)
+async def test_a_failed_sync_cuts_the_log_back_and_fails_every_waiter_beyond(
+        log: WriteAheadLog, tmp_path: Path) -> None:
+    """After a failed fdatasync the kernel may have dropped any unsynced page: every
+    record after the last synced byte is cut off, and every caller waiting for one of
+    them, including records other connections flushed while the sync ran, gets the
+    error; their sequence numbers are forgotten."""
+    sync, group, first = await committing(log)
     sync.open(0)
-    with pytest.raises(OSError, match="Input/output error"):
-        await first
-    retry = asyncio.create_task(group.commit())  # the records are still not on disk
+    await first  # record 1 is durable
+    synced = written(log)
+    sync.fail_next = True
+    append(log, 2)
+    failing = asyncio.create_task(group.commit())
+    await wait_until(lambda: len(sync.started) == 2)
+    append(log, 3)  # another connection, during the sync that is going to fail
+    during = asyncio.create_task(group.commit())
+    duplicate = asyncio.create_task(group.commit())  # acknowledges a duplicate of 3
+    await asyncio.sleep(0.05)
+    assert log.seen_seq("p") == 3
+    assert log.last_seq("p") == 1
+    sync.open(1)
+    for waiter in (failing, during, duplicate):
+        with pytest.raises(WalWriteError, match="fdatasync failed: Input/output error"):
+            await asyncio.wait_for(waiter, 5)
+    assert (tmp_path / f"wal-{log.segment:010d}.log").stat().st_size == synced
+    assert logged_seqs(tmp_path) == [1]
+    assert (log.last_seq("p"), log.seen_seq("p")) == (1, 1)
+    assert group.syncs == 1
+    # The log goes on at the cut: the resent frames are logged again.
+    append(log, 2)
+    append(log, 3)
+    retry = asyncio.create_task(group.commit())
+    await wait_until(lambda: len(sync.started) == 3)
+    assert sync.started[2] == written(log) > synced
+    sync.open(2)
+    await asyncio.wait_for(retry, 5)
+    assert logged_seqs(tmp_path) == [1, 2, 3]
+    assert log.last_seq("p") == 3
+    group.close()
+
+
+async def test_a_failed_write_fails_only_its_own_caller(tmp_path: Path) -> None:
+    fail = [False]
+
+    def write(fd: int, data: memoryview) -> int:
+        if fail[0]:
+            fail[0] = False
+            os.write(fd, data[:3])  # a short write first: the disk filled up meanwhile
+            raise OSError(28, "No space left on device")
+        return os.write(fd, data)
+
+    wal = WriteAheadLog(tmp_path, "always", write=write)
+    wal.open()
+    sync, group, first = await committing(wal)  # record 1 waits in the sync
+    fail[0] = True
+    append(wal, 2)
+    with pytest.raises(WalWriteError, match="No space left on device"):
+        await group.commit()
+    assert wal.seen_seq("p") == 1
+    sync.open(0)
+    await asyncio.wait_for(first, 5)  # written before the failed write: unharmed
+    assert logged_seqs(tmp_path) == [1]
+    append(wal, 2)
+    second = asyncio.create_task(group.commit())
     await wait_until(lambda: len(sync.started) == 2)
     sync.open(1)
-    await asyncio.wait_for(retry, 5)
-    assert group.syncs == 1
+    await asyncio.wait_for(second, 5)
+    assert logged_seqs(tmp_path) == [1, 2]
+    group.close()
+    wal.close()
+
+
+async def test_a_failed_sync_outside_the_group_fails_the_waiters_it_cut(
+        tmp_path: Path) -> None:
+    """A rotation syncs inline. When that sync fails, callers waiting in the group
+    commit for records it cut off get the error too (the log tells the group)."""
+    inline_fails = [False]
+
+    def inline_sync(fd: int) -> None:
+        if inline_fails[0]:
+            raise OSError(5, "Input/output error")
+        os.fdatasync(fd)
+
+    wal = WriteAheadLog(tmp_path, "always", datasync=inline_sync)
+    wal.open()
+    sync, group, first = await committing(wal)
+    sync.open(0)
+    time.sleep(0.2)  # noqa: ASYNC251 - the worker finishes; the loop has not seen it yet
+    append(wal, 2)
+    second = asyncio.create_task(group.commit())
+    await asyncio.sleep(0)
+    inline_fails[0] = True
+    with pytest.raises(WalWriteError, match="fdatasync failed"):
+        wal.rotate_if_due(0)  # applies the group's sync of 1 first, then syncs 2: fails
+    await asyncio.wait_for(first, 5)
+    with pytest.raises(WalWriteError, match="fdatasync failed"):
+        await asyncio.wait_for(second, 5)
+    assert logged_seqs(tmp_path) == [1]
+    assert (wal.last_seq("p"), wal.seen_seq("p")) == (1, 1)
+    inline_fails[0] = False
+    wal.rotate_if_due(0)  # the failed rotation did not switch; this one does
+    assert len(sync.started) == 1
+    group.close()
+    wal.close()
+
+
+async def test_last_seq_reports_only_synced_records(log: WriteAheadLog) -> None:
+    """The welcome frame tells a reconnecting forwarder what it may drop: only what is
+    on disk. Duplicate detection counts what is logged but not yet synced."""
+    sync, group, first = await committing(log)
+    assert (log.last_seq("p"), log.seen_seq("p")) == (0, 1)
+    sync.open(0)
+    await asyncio.wait_for(first, 5)
+    assert (log.last_seq("p"), log.seen_seq("p")) == (1, 1)
     group.close()
 
 
