@@ -7,6 +7,7 @@ written; a failed write keeps the closing states for the next attempt.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Generic, Protocol, TypeVar
 
 from common.protocol import Limits
@@ -29,7 +30,10 @@ class Aggregator(Protocol[P, S]):
     # Columns read back from a stored row when late data must be merged into it.
     stored_columns: tuple[str, ...]
 
-    def parse_item(self, item: object, limits: Limits) -> P: ...
+    def parse_item(self, item: object, limits: Limits,
+                   notes: Counter[str] | None = None) -> P:
+        """Validate one item; counts what was mended (e.g. tags_shortened) in notes."""
+        ...
 
     def key_of(self, run_id: str, partial: P) -> BucketKey: ...
 
@@ -46,6 +50,8 @@ class Aggregator(Protocol[P, S]):
     def values(self, state: S) -> tuple[Any, ...]: ...
 
     def samples(self, partial: P) -> int: ...
+
+    def state_samples(self, state: S) -> int: ...
 
 
 class Entry(Generic[S]):

@@ -21,6 +21,7 @@ from common.redact import (
     redact_text,
 )
 from common.server import AggregatorServer
+from common.wal import StateDirError, WalWriteError
 
 T = TypeVar("T")
 
@@ -79,11 +80,22 @@ def run_server(prog: str, description: str, aggregator: Any, config_cls: type[Se
         return 2
     try:
         run_loop(server.serve_until_signal())
+    except StateDirError as exc:  # locked, another role's, damaged: the message says what
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"{prog}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
+        return 2
+    except WalWriteError as exc:
+        print(f"{prog}: error: the write-ahead log in {server.wal.directory} cannot be "
+              f"written: {exc}", file=sys.stderr)
+        return 1
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"{prog}: error: {redact_text(str(exc), secrets)} (database {label})",
-              file=sys.stderr)
+        print(f"{prog}: error: {redact_text(str(exc), secrets)} (database {label}; pass "
+              "--dsn or TDAGG_DSN to use another)", file=sys.stderr)
         return 1
     except Exception as exc:  # a traceback still, but never with a password in it
         print(format_exception(exc, secrets), end="", file=sys.stderr)
         return 1
-    return 0
+    # Rows that are neither stored nor quarantined stay in the log for the next start.
+    return 1 if server.unwritten_at_exit else 0

@@ -64,6 +64,16 @@ def _positive_float(text: Any) -> float:
     return value
 
 
+def _bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    if isinstance(text, str) and text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(text, str) and text.lower() in ("false", "no", "0", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _text(text: Any) -> str:
     if isinstance(text, list) and all(isinstance(t, str) for t in text):
         return ",".join(text)  # tags = ["name", "method"] in TOML
@@ -231,6 +241,11 @@ class ForwarderConfig:
     tls_key: Path | None = _field(None, _optional_path, "PEM private key of --tls-cert", "FILE")
     token_file: Path | None = _field(
         None, _optional_path, "file holding the servers' shared token", "FILE")
+    append: bool = _field(
+        False, _bool,
+        "add this input to a run that already holds it (a deliberate second copy); "
+        "without it, input the servers already stored under this run id is refused",
+        "true|false")
     max_spool_bytes: int = _field(
         1024 * 1024 * 1024, _positive_int,
         "size limit of each server's spool file; when memory and spool are both full, "
@@ -252,9 +267,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         shown = f.default
         if isinstance(shown, tuple):
             shown = f"{shown[0]}:{shown[1]}"
-        parser.add_argument(flag, dest=f.name, default=None, metavar=f.metadata["form"],
-                            help=f"{f.metadata['help']} (default: {shown}; "
-                                 f"env TDAGG_{f.name.upper()})")
+        # A yes/no setting is a plain switch on the command line: --append.
+        help_text = (f"{f.metadata['help']} (default: {shown}; "
+                     f"env TDAGG_{f.name.upper()})")
+        if f.metadata["parse"] is _bool:
+            parser.add_argument(flag, dest=f.name, default=None, action="store_const",
+                                const="true", help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None,
+                                metavar=f.metadata["form"], help=help_text)
 
 
 def resolve(cls: type, args: argparse.Namespace, environ: Mapping[str, str]) -> Any:

@@ -6,8 +6,10 @@ that many bytes of msgpack holding one map with a ``type`` key.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,9 +39,20 @@ class Refused(Exception):
         self.detail = detail
 
 
+# Largest magnitude of a sample value. Beyond it a value is taken as corrupt: the
+# forwarder skips such a sample and the servers refuse an item whose min, max or last
+# value lies beyond it. With counts below 2**63, no sum of such values can overflow a
+# float64, whatever a client sends. 1e20 still admits int64 nanosecond timestamps and
+# every byte count or duration k6 produces.
+MAX_ABS_VALUE = 1e20
+# A shortened tag ends in "~" and 16 hex digits of a BLAKE2b hash of the whole text.
+_SHORTENED_SUFFIX = 17
+MIN_TAG_LENGTH = 2 * _SHORTENED_SUFFIX
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Validation limits; the defaults are documented in docs/PROTOCOL.md."""
+    """Validation limits shared by the forwarder and the servers (docs/PROTOCOL.md)."""
 
     max_frame_bytes: int = 16 * 1024 * 1024
     max_items_per_frame: int = 100_000
@@ -47,6 +60,7 @@ class Limits:
     max_tags: int = 32
     max_tag_length: int = 256
     max_centroids: int = 10_000
+    max_abs_value: float = MAX_ABS_VALUE
 
 
 class TrendPartial(NamedTuple):
@@ -82,6 +96,22 @@ class Hello(NamedTuple):
     run_id: str
     role: str
     token: str | None = None
+    # A secret the forwarder chose for its producer id: a later connection must show
+    # the same one to speak for that producer (see docs/PROTOCOL.md).
+    producer_key: str | None = None
+    # What the forwarder reads, as a hash of its first 64 KiB (see k6_forward), and
+    # whether the user wants it added again to a run that already holds it.
+    input_id: str | None = None
+    append: bool = False
+
+
+class ItemRefusal(NamedTuple):
+    """Items of one frame refused for one reason; the rest of the frame is accepted."""
+
+    reason: str
+    items: int
+    samples: int
+    detail: str
 
 
 class Data(NamedTuple):
@@ -97,11 +127,19 @@ def frame(message: dict[str, Any]) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-def hello(producer: str, run_id: str, role: str, token: str | None = None) -> bytes:
-    message = {"type": "hello", "version": PROTOCOL_VERSION, "producer": producer,
-               "run": run_id, "role": role}
+def hello(producer: str, run_id: str, role: str, token: str | None = None,
+          producer_key: str | None = None, input_id: str | None = None,
+          append: bool = False) -> bytes:
+    message: dict[str, Any] = {"type": "hello", "version": PROTOCOL_VERSION,
+                               "producer": producer, "run": run_id, "role": role}
     if token is not None:
         message["token"] = token
+    if producer_key is not None:
+        message["producer_key"] = producer_key
+    if input_id is not None:
+        message["input"] = input_id
+    if append:
+        message["append"] = True
     return frame(message)
 
 
@@ -114,13 +152,38 @@ def data(seq: int, items: list[list[Any]]) -> bytes:
     return frame({"type": "data", "seq": seq, "items": items})
 
 
+def data_body(seq: int, items: list[Any]) -> bytes:
+    """A data frame's body without the length prefix (``items`` may be empty here)."""
+    body: bytes = msgpack.packb({"type": "data", "seq": seq, "items": items},
+                                use_bin_type=True)
+    return body
+
+
 def ack(seq: int) -> bytes:
     return frame({"type": "ack", "seq": seq})
 
 
-def error(reason: str, detail: str, seq: int | None = None, fatal: bool = False) -> bytes:
-    return frame({"type": "error", "seq": seq, "reason": reason, "detail": detail,
-                  "fatal": fatal})
+def error(reason: str, detail: str, seq: int | None = None, fatal: bool = False,
+          retry: bool = False) -> bytes:
+    """``retry``: nothing was refused; the server closes the connection and the client
+    resends everything unacknowledged after reconnecting (a full disk, a busy server)."""
+    message = {"type": "error", "seq": seq, "reason": reason, "detail": detail,
+               "fatal": fatal}
+    if retry:
+        message["retry"] = True
+    return frame(message)
+
+
+def items_refused(seq: int, refusals: list[ItemRefusal]) -> bytes:
+    """Some items of frame ``seq`` were refused; the rest of it is accepted (and acked).
+
+    An ``error`` frame, so that a client that does not know ``items`` still sees a
+    refusal; ``items`` lists [reason, items, samples, detail of the first] per reason.
+    """
+    first = refusals[0]
+    return frame({"type": "error", "seq": seq, "reason": first.reason, "detail": first.detail,
+                  "fatal": False,
+                  "items": [[r.reason, r.items, r.samples, r.detail] for r in refusals]})
 
 
 def trend_item(p: TrendPartial) -> list[Any]:
@@ -134,6 +197,13 @@ def counter_item(p: CounterPartial) -> list[Any]:
 
 
 # --- decoding -----------------------------------------------------------------------
+
+
+def claimed_samples(item: object) -> int:
+    """The sample count an item claims (trend field 4, counter field 6), 0 if none."""
+    at = {10: 4, 12: 6}.get(len(item)) if isinstance(item, list) else None
+    count = item[at] if at is not None and isinstance(item, list) else None
+    return count if type(count) is int and 0 <= count <= MAX_INT else 0
 
 
 class FrameDecoder:
@@ -179,10 +249,37 @@ class FrameDecoder:
         return len(self._buffer)
 
 
-def unpack(body: bytes) -> dict[str, Any]:
+class UnpackLimits(NamedTuple):
+    """msgpack's own limits: a frame cannot make the decoder build more than this."""
+
+    max_str_len: int
+    max_bin_len: int
+    max_array_len: int
+    max_map_len: int
+
+
+# A hello is a small map of short strings; the first frame is at most 64 KiB anyway.
+HELLO_UNPACK = UnpackLimits(max_str_len=64 * 1024, max_bin_len=64 * 1024, max_array_len=64,
+                            max_map_len=32)
+
+
+def unpack_limits(limits: Limits) -> UnpackLimits:
+    """For data frames. Strings may be long (a URL tag is shortened, not refused) but not
+    longer than 1 MiB; binaries are digests; arrays are the items and their fields;
+    maps are frames and tags."""
+    return UnpackLimits(max_str_len=1 << 20, max_bin_len=16 * limits.max_centroids,
+                        # twice the item limit: a few items too many are named as such
+                        max_array_len=2 * max(limits.max_items_per_frame, 16),
+                        # above the tag limit, so that too many tags cost their item only
+                        max_map_len=max(limits.max_tags, 16) + 32)
+
+
+def unpack(body: bytes, limits: UnpackLimits | None = None) -> dict[str, Any]:
     """Body bytes to a message map, refusing anything that is not a map with a type."""
+    bounds = limits._asdict() if limits is not None else {}
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True, max_ext_len=0,
+                                  **bounds)
     except Exception as exc:  # msgpack raises several unrelated types
         raise Refused("bad_msgpack", f"body is not valid msgpack: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
@@ -190,17 +287,46 @@ def unpack(body: bytes) -> dict[str, Any]:
     return message
 
 
+def text_problem(value: str) -> str | None:
+    """Why a string cannot be stored, or None. PostgreSQL text and jsonb hold any
+    Unicode scalar value except U+0000; msgpack and orjson already refuse lone
+    surrogates and invalid UTF-8."""
+    if "\x00" in value:
+        return "holds a NUL character (U+0000), which databases cannot store"
+    return None
+
+
+def shorten(value: str, limit: int) -> str:
+    """``value`` if it has at most ``limit`` characters; else its first
+    ``limit - 17`` characters, "~" and 16 hex digits of BLAKE2b-64 of its UTF-8 bytes.
+
+    Stable (the same long URL always gives the same tag) and distinct for distinct
+    values beyond any practical doubt. The forwarder and the servers both apply it."""
+    if len(value) <= limit:
+        return value
+    tail = hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
+    return f"{value[:limit - _SHORTENED_SUFFIX]}~{tail}"
+
+
 def _text(value: object, what: str, limit: int) -> str:
     if not isinstance(value, str) or not value:
         raise Refused("bad_field", f"{what} must be a non-empty string")
     if len(value) > limit:
         raise Refused("too_long", f"{what} is longer than {limit} characters")
+    problem = text_problem(value)
+    if problem:
+        raise Refused("bad_character", f"{what} {value[:40]!r} {problem}")
     return value
 
 
-def _int(value: object, what: str, low: int = 0) -> int:
-    if type(value) is not int or value < low:
-        raise Refused("bad_field", f"{what} must be an integer >= {low}")
+# Counts and bucket starts stay below 2**53, so that they are exact as float64 too and
+# their sums fit the database's bigint.
+MAX_INT = 2**53
+
+
+def _int(value: object, what: str, low: int = 0, high: int = MAX_INT) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise Refused("bad_field", f"{what} must be an integer from {low} to {high}")
     return value
 
 
@@ -210,17 +336,44 @@ def _finite(value: object, what: str) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def _tags(value: object, limits: Limits) -> tuple[tuple[str, str], ...]:
+def _value(value: object, what: str, limits: Limits) -> float:
+    number = _finite(value, what)
+    if not -limits.max_abs_value <= number <= limits.max_abs_value:
+        raise Refused("huge_value", f"{what} {number!r} is beyond +-{limits.max_abs_value:g}")
+    return number
+
+
+def _sum(value: object, count: int, lo: float, hi: float) -> float:
+    """The sum of ``count`` values in [lo, hi]; any other is refused as inconsistent, so
+    that no merge of sums can overflow."""
+    total = _finite(value, "sum")
+    slack = 1e-9 * count * max(abs(lo), abs(hi)) + 1e-300
+    if not count * lo - slack <= total <= count * hi + slack:
+        raise Refused("bad_field", f"sum {total!r} of {count} values is outside "
+                      f"[{count} * min, {count} * max]")
+    return total
+
+
+def _tags(value: object, limits: Limits,
+          notes: Counter[str] | None) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
         raise Refused("bad_field", "tags must be a map of strings")
     if len(value) > limits.max_tags:
         raise Refused("too_many_tags", f"{len(value)} tags, limit {limits.max_tags}")
+    pairs = []
     for key, val in value.items():
-        if not isinstance(key, str) or not isinstance(val, str):
-            raise Refused("bad_field", "tag keys and values must be strings")
+        if not isinstance(key, str) or not isinstance(val, str) or not key:
+            raise Refused("bad_field", "tag keys must be non-empty strings, values strings")
+        for text in (key, val):
+            problem = text_problem(text)
+            if problem:
+                raise Refused("bad_character", f"tag {key[:40]!r}: {text[:40]!r} {problem}")
         if len(key) > limits.max_tag_length or len(val) > limits.max_tag_length:
-            raise Refused("too_long", f"tag {key[:40]!r} exceeds {limits.max_tag_length} chars")
-    return tuple(sorted(value.items()))
+            key, val = shorten(key, limits.max_tag_length), shorten(val, limits.max_tag_length)
+            if notes is not None:
+                notes["tags_shortened"] += 1
+        pairs.append((key, val))
+    return tuple(sorted(pairs))
 
 
 def _bucket(bucket: object, width: object) -> tuple[int, int]:
@@ -244,11 +397,23 @@ def parse_hello(message: dict[str, Any], limits: Limits) -> Hello:
     token = message.get("token")
     if token is not None and not isinstance(token, str):
         raise Refused("bad_field", "token must be a string")
+    key = message.get("producer_key")
+    if key is not None:
+        key = _text(key, "producer_key", 128)
+    input_id = message.get("input")
+    if input_id is not None:
+        input_id = _text(input_id, "input", 128)
+    append = message.get("append", False)
+    if type(append) is not bool:
+        raise Refused("bad_field", "append must be true or false")
     return Hello(
         producer=_text(message.get("producer"), "producer", limits.max_name_length),
         run_id=_text(message.get("run"), "run", limits.max_name_length),
         role=role,
         token=token,
+        producer_key=key,
+        input_id=input_id,
+        append=append,
     )
 
 
@@ -264,7 +429,8 @@ def parse_data(message: dict[str, Any], limits: Limits) -> Data:
     return Data(seq, items)
 
 
-def parse_trend_item(item: object, limits: Limits) -> TrendPartial:
+def parse_trend_item(item: object, limits: Limits,
+                     notes: Counter[str] | None = None) -> TrendPartial:
     if not isinstance(item, list) or len(item) != 10:
         raise Refused("bad_item", "a trend item is a list of 10 fields")
     metric, tags, bucket, width, count, total, lo, hi, blob, zero_count = item
@@ -284,19 +450,23 @@ def parse_trend_item(item: object, limits: Limits) -> TrendPartial:
     problem = digest.check(centroids) if len(centroids) or zeros < n else None
     if problem:
         raise Refused("bad_digest", problem)
-    low, high = _finite(lo, "min"), _finite(hi, "max")
+    low, high = _value(lo, "min", limits), _value(hi, "max", limits)
     if low > high:
         raise Refused("bad_field", "min is greater than max")
+    if len(centroids) and (centroids[0, 0] < low or centroids[-1, 0] > high):
+        raise Refused("bad_digest", "a centroid mean lies outside [min, max]")
     with np.errstate(over="ignore"):  # absurd weights overflow to inf and are refused below
         weight = float(np.sum(centroids[:, 1]))
     if not abs(weight + zeros - n) <= 1e-6 * n:
         raise Refused("bad_digest",
                       f"centroid weights sum to {weight} with {zeros} zeros, count is {n}")
-    return TrendPartial(_text(metric, "metric", limits.max_name_length), _tags(tags, limits),
-                        start, seconds, n, _finite(total, "sum"), low, high, centroids, zeros)
+    return TrendPartial(_text(metric, "metric", limits.max_name_length),
+                        _tags(tags, limits, notes), start, seconds, n,
+                        _sum(total, n, low, high), low, high, centroids, zeros)
 
 
-def parse_counter_item(item: object, limits: Limits) -> CounterPartial:
+def parse_counter_item(item: object, limits: Limits,
+                       notes: Counter[str] | None = None) -> CounterPartial:
     if not isinstance(item, list) or len(item) != 12:
         raise Refused("bad_item", "a counter item is a list of 12 fields")
     metric, kind, tags, bucket, width, total, count, nonzero, lo, hi, last_ns, last = item
@@ -307,9 +477,13 @@ def parse_counter_item(item: object, limits: Limits) -> CounterPartial:
     nz = _int(nonzero, "nonzero")
     if nz > n:
         raise Refused("bad_field", "nonzero is greater than count")
-    low, high = _finite(lo, "min"), _finite(hi, "max")
+    low, high = _value(lo, "min", limits), _value(hi, "max", limits)
     if low > high:
         raise Refused("bad_field", "min is greater than max")
+    last_value = _value(last, "last_value", limits)
+    if kind == "gauge" and not low <= last_value <= high:
+        raise Refused("bad_field", "a gauge's last_value lies outside [min, max]")
     return CounterPartial(_text(metric, "metric", limits.max_name_length), kind,
-                          _tags(tags, limits), start, seconds, _finite(total, "sum"), n, nz,
-                          low, high, _int(last_ns, "last_ns"), _finite(last, "last_value"))
+                          _tags(tags, limits, notes), start, seconds,
+                          _sum(total, n, low, high), n, nz, low, high,
+                          _int(last_ns, "last_ns", 0, 2**63 - 1), last_value)

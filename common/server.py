@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
+import os
+import resource
 import signal
 import ssl
 import sys
@@ -22,13 +25,16 @@ from common.aggregate import Aggregator, BucketKey, Entry, OpenBuckets, absorb_e
 from common.config import ConfigError, ServerConfig
 from common.group_commit import GroupCommit
 from common.notify import notify, watchdog_interval
+from common.quarantine import QUARANTINE_FILE, Quarantine
 from common.selfmetrics import Histogram, MetricsEndpoint, exposition
 from common.sink import PgSink, ensure_schema
-from common.wal import WriteAheadLog, segment_of
+from common.wal import WalWriteError, WriteAheadLog, segment_of
 
 log = logging.getLogger("tdagg.server")
 
-RUN_IDLE_SECONDS = 24 * 3600
+# A run's series set (for the series cap) is dropped once the run sent nothing for this
+# long; it costs about 200 bytes per series.
+RUN_IDLE_SECONDS = 15 * 60
 # Database errors that mean "not reachable now" (for /healthz).
 RETRYABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
@@ -45,7 +51,16 @@ class Stats:
     late_rows: int = 0
     write_failures: int = 0
     replayed_frames: int = 0
-    refused: Counter[str] = field(default_factory=Counter)
+    timeouts: int = 0
+    log_failures: int = 0
+    flush_loop_errors: int = 0
+    quarantined_buckets: int = 0
+    quarantined_samples: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # whole frames, by reason
+    refused_items: Counter[str] = field(default_factory=Counter)
+    refused_samples: Counter[str] = field(default_factory=Counter)
+    notes: Counter[str] = field(default_factory=Counter)  # e.g. tags_shortened
+    caps_hit: Counter[str] = field(default_factory=Counter)
     write_seconds: Histogram = field(default_factory=Histogram)
 
 
@@ -81,8 +96,23 @@ def read_token(config: ServerConfig) -> str | None:
     return token
 
 
+# Descriptors kept free of connections: the log, the database pool, /metrics, TLS files.
+FILES_RESERVED = 64
+# Before its hello, a connection can make the server hold at most this much.
+HELLO_MAX_BYTES = 64 * 1024
+# A data frame's seq may run ahead of the producer's last one by at most this much: a
+# forwarder numbers its frames 1, 2, 3, ... and cannot get this far ahead.
+MAX_SEQ_JUMP = 10**9
+
+
 class Connection:
-    """One forwarder connection: framing, hello, validation, log, dedup, merge, ack."""
+    """One forwarder connection: framing, hello, validation, log, dedup, merge, ack.
+
+    Frames of one read are validated and appended to the log; only once the log's group
+    commit has made them durable are they merged into the open buckets and acknowledged.
+    If the log cannot be written, nothing of that read is merged or acknowledged: the
+    forwarder is told to retry and the connection closes.
+    """
 
     def __init__(self, server: AggregatorServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -90,8 +120,11 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.peer = writer.get_extra_info("peername")
-        self.decoder = protocol.FrameDecoder(server.limits.max_frame_bytes)
+        self.decoder = protocol.FrameDecoder(HELLO_MAX_BYTES)
         self.hello: protocol.Hello | None = None
+        self.buffered = 0  # this connection's share of server.buffered_bytes
+        # Logged frames of the current read, merged once the log commit succeeds.
+        self.logged: list[tuple[list[Any], int]] = []
 
     def refuse(self, exc: protocol.Refused, seq: int | None, fatal: bool = False) -> None:
         self.server.stats.refused[exc.reason] += 1
@@ -99,23 +132,53 @@ class Connection:
                     exc.detail)
         self.writer.write(protocol.error(exc.reason, exc.detail, seq, fatal))
 
+    def _set_buffered(self, pending: int) -> None:
+        self.server.buffered_bytes += pending - self.buffered
+        self.buffered = pending
+
+    async def _read(self) -> bytes:
+        server = self.server
+        timeout = server.config.hello_timeout if self.hello is None else \
+            server.config.idle_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.reader.read(256 * 1024)
+        except TimeoutError:
+            what = "no hello" if self.hello is None else "no data"
+            server.stats.timeouts += 1
+            log.info("closing connection from %s: %s for %gs", self.peer, what, timeout)
+            return b""
+
     async def run(self) -> None:
         try:
             while True:
-                chunk = await self.reader.read(256 * 1024)
+                chunk = await self._read()
                 if not chunk:
                     return
-                self.server.stats.bytes += len(chunk)
+                server = self.server
+                server.stats.bytes += len(chunk)
+                if (server.buffered_bytes + len(chunk) > server.config.max_buffered_bytes
+                        and self.decoder.pending_bytes + len(chunk) > HELLO_MAX_BYTES):
+                    server.note_cap("max_buffered_bytes",
+                                    f"incomplete frames of all connections would pass "
+                                    f"{server.config.max_buffered_bytes} bytes")
+                    self.writer.write(protocol.error(
+                        "server_busy", "the server holds too many incomplete frames; "
+                        "retry later", None, fatal=False, retry=True))
+                    await self.writer.drain()
+                    return
                 try:
                     bodies = self.decoder.feed(chunk)
                 except protocol.FramingError as exc:
                     self.refuse(protocol.Refused("bad_framing", str(exc)), None, fatal=True)
                     return
+                self._set_buffered(self.decoder.pending_bytes)
                 highest_ack = 0
                 keep_open = True
                 for body in bodies:
+                    welcomed = self.hello is not None
                     ack = self.handle(body)
-                    if ack is None:
+                    if ack is None or (not welcomed and not await self._welcome()):
                         keep_open = False
                         break
                     highest_ack = max(highest_ack, ack)
@@ -124,10 +187,8 @@ class Connection:
                 except protocol.FramingError as exc:
                     self.refuse(protocol.Refused("bad_framing", str(exc)), None, fatal=True)
                     keep_open = False
-                # One log commit per read covers every frame in it, shared with other
-                # connections committing at the same time; the ack goes out only after
-                # it. Acks are cumulative.
-                await self.server.group_commit.commit()
+                if not await self._commit():
+                    return
                 if highest_ack:
                     self.writer.write(protocol.ack(highest_ack))
                 await self.writer.drain()
@@ -136,9 +197,38 @@ class Connection:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
+            self._set_buffered(0)
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+
+    async def _commit(self) -> bool:
+        """Make this read's frames durable, then merge them; False if the log failed.
+
+        One log commit per read covers every frame in it, shared with other connections
+        committing at the same time; acks go out only after it. Acks are cumulative.
+        """
+        logged, self.logged = self.logged, []
+        server = self.server
+        try:
+            await server.group_commit.commit()
+        except WalWriteError as exc:
+            server.stats.log_failures += 1
+            server.log_error = str(exc)
+            log.error("write-ahead log failed; %d frames from %s not acknowledged, the "
+                      "forwarder will resend them: %s", len(logged), self.peer, exc)
+            self.writer.write(protocol.error(
+                "log_unavailable", f"the server cannot write its log ({exc}); retry later",
+                None, fatal=False, retry=True))
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+            return False
+        server.log_error = None
+        assert self.hello is not None or not logged
+        for partials, position in logged:
+            assert self.hello is not None
+            server.merge(self.hello.run_id, self.hello.producer, partials, position)
+        return True
 
     def handle(self, body: bytes) -> int | None:
         """Process one frame; return the seq to acknowledge (0 for none), None to close."""
@@ -146,38 +236,71 @@ class Connection:
         server.stats.frames += 1
         seq: int | None = None
         try:
-            message = protocol.unpack(body)
             if self.hello is None:
-                hello = protocol.parse_hello(message, server.limits)
-                if server.token is not None and not hmac.compare_digest(
-                        (hello.token or "").encode(), server.token.encode()):
-                    raise protocol.Refused(
-                        "bad_token", "missing token" if hello.token is None else "wrong token")
-                if hello.role != server.aggregator.role:
-                    raise protocol.Refused(
-                        "wrong_server", f"this is the {server.aggregator.role} server; "
-                        f"the client speaks for {hello.role}")
-                self.hello = hello
-                last = server.wal.last_seq(hello.producer)
-                self.writer.write(protocol.welcome(server.aggregator.role, last))
-                return 0
-            frame = protocol.parse_data(message, server.limits)
+                return self._handle_hello(protocol.unpack(body, protocol.HELLO_UNPACK))
+            frame = protocol.parse_data(protocol.unpack(body, server.unpack_limits),
+                                        server.limits)
             seq = frame.seq
             producer = self.hello.producer
-            if seq <= server.wal.last_seq(producer):
+            seen = server.wal.seen_seq(producer)
+            if seq <= seen:
                 server.stats.duplicate_frames += 1
                 return seq
-            # Validate the whole frame before logging or merging any of it.
-            partials = [server.aggregator.parse_item(item, server.limits)
-                        for item in frame.items]
-            server.check_partials(self.hello.run_id, partials)
+            if seq - seen > MAX_SEQ_JUMP:
+                raise protocol.Refused(
+                    "seq_jump", f"seq {seq} is more than {MAX_SEQ_JUMP} above this "
+                    f"producer's last ({seen})")
+            accepted, refusals = server.accept_items(self.hello.run_id, frame.items)
+            if refusals:
+                self.writer.write(protocol.items_refused(seq, refusals))
+                # The log holds what was accepted, so that a replay merges just that.
+                body = protocol.data_body(seq, [item for _, item in accepted])
             position = server.wal.append(producer, self.hello.run_id, seq, body)
-            server.merge(self.hello.run_id, producer, partials, position)
+            self.logged.append(([partial for partial, _ in accepted], position))
             return seq
         except protocol.Refused as exc:
             fatal = self.hello is None
             self.refuse(exc, seq, fatal=fatal)
             return None if fatal else 0
+
+    def _handle_hello(self, message: dict[str, Any]) -> int:
+        server = self.server
+        hello = protocol.parse_hello(message, server.limits)
+        if server.token is not None and not hmac.compare_digest(
+                (hello.token or "").encode(), server.token.encode()):
+            raise protocol.Refused(
+                "bad_token", "missing token" if hello.token is None else "wrong token")
+        if hello.role != server.aggregator.role:
+            raise protocol.Refused(
+                "wrong_server", f"this is the {server.aggregator.role} server; "
+                f"the client speaks for {hello.role}")
+        if not server.wal.bind(hello.producer, producer_key_digest(hello.producer_key)):
+            raise protocol.Refused(
+                "producer_taken", f"producer {hello.producer[:40]!r} belongs to another "
+                "forwarder (its producer key differs)")
+        self.hello = hello
+        return 0
+
+    async def _welcome(self) -> bool:
+        """Welcome a forwarder whose hello was accepted, unless it resends an input its
+        run already holds; False (and a fatal error frame) for such a rerun."""
+        server = self.server
+        assert self.hello is not None
+        rerun = await server.rerun_of(self.hello)
+        if rerun is not None:
+            self.refuse(protocol.Refused("rerun", rerun), None, fatal=True)
+            return False
+        self.decoder.max_frame_bytes = server.limits.max_frame_bytes
+        self.writer.write(protocol.welcome(server.aggregator.role,
+                                           server.wal.last_seq(self.hello.producer)))
+        return True
+
+
+def producer_key_digest(key: str | None) -> bytes:
+    """What the log keeps of a producer key: never the key itself."""
+    if key is None:
+        return b""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
 class AggregatorServer:
@@ -194,8 +317,19 @@ class AggregatorServer:
             max_tags=config.max_tags,
             max_tag_length=config.max_tag_length,
         )
+        self.unpack_limits = protocol.unpack_limits(self.limits)
         state_dir = config.state_dir or config.data_dir / f"{aggregator.role}_server"
-        self.wal = WriteAheadLog(state_dir, config.wal_fsync)
+        self.wal = WriteAheadLog(state_dir, config.wal_fsync, role=aggregator.role)
+        self.quarantine = Quarantine(state_dir / QUARANTINE_FILE)
+        self.max_connections = config.max_connections
+        self.buffered_bytes = 0  # incomplete frames held over all connections
+        # Why the server is not healthy now, if it is not: set while the log cannot be
+        # written, while database writes fail, and after the flush loop caught an error.
+        self.log_error: str | None = None
+        self.write_error: str | None = None
+        self.flush_error: str | None = None
+        self._caps_said: dict[str, float] = {}
+        self.unwritten_at_exit = 0
         self.group_commit = GroupCommit(self.wal)
         self.tls = tls_context(config)
         self.token = read_token(config)
@@ -222,34 +356,86 @@ class AggregatorServer:
 
     # --- ingest -----------------------------------------------------------------
 
-    def check_partials(self, run_id: str, partials: list[Any]) -> None:
-        """Refuse a frame whose buckets are off the server's grid, too far from now, or
-        that would take its run past the series cap."""
-        width = self.config.bucket_seconds
+    def accept_items(self, run_id: str, items: list[Any],
+                     ) -> tuple[list[tuple[Any, Any]], list[protocol.ItemRefusal]]:
+        """(partial, item) for each item of a frame that can be merged; the rest refused,
+        by reason.
+
+        Each item is judged alone: a bad value, a bucket off the server's grid or too far
+        from now, or a series past the run's cap costs that item only.
+        """
         now = time.time()
-        oldest = now - self.config.max_bucket_age
-        newest = now + self.config.max_bucket_ahead
-        series = self.series.setdefault(run_id, set())
         self.series_seen[run_id] = now
-        new = set()
-        for p in partials:
-            if p.bucket_seconds != width:
-                raise protocol.Refused(
-                    "bucket_width_mismatch",
-                    f"item has bucket_seconds {p.bucket_seconds}, the server uses {width}")
-            if not oldest <= p.bucket <= newest:
-                raise protocol.Refused(
-                    "bucket_out_of_window",
-                    f"bucket {p.bucket} is outside [now - {self.config.max_bucket_age:g}s, "
-                    f"now + {self.config.max_bucket_ahead:g}s]")
-            name = (p.metric, p.tags)
-            if name not in series:
-                new.add(name)
-        if len(series) + len(new) > self.config.max_series_per_run:
+        series = self.series.setdefault(run_id, set())
+        accepted = []
+        refused: dict[str, list[Any]] = {}
+        for item in items:
+            try:
+                partial = self.aggregator.parse_item(item, self.limits, self.stats.notes)
+                self._check_partial(run_id, partial, now, series)
+            except protocol.Refused as exc:
+                counts = refused.setdefault(exc.reason, [0, 0, exc.detail])
+                counts[0] += 1
+                counts[1] += protocol.claimed_samples(item)
+                continue
+            accepted.append((partial, item))
+        refusals = [protocol.ItemRefusal(reason, n, samples, detail)
+                    for reason, (n, samples, detail) in refused.items()]
+        for r in refusals:
+            self.stats.refused_items[r.reason] += r.items
+            self.stats.refused_samples[r.reason] += r.samples
+            log.warning("refused %d items (%d samples) of run %r: %s: %s", r.items,
+                        r.samples, run_id[:80], r.reason, r.detail)
+        return accepted, refusals
+
+    def _check_partial(self, run_id: str, p: Any, now: float,
+                       series: set[tuple[str, Any]]) -> None:
+        width = self.config.bucket_seconds
+        if p.bucket_seconds != width:
             raise protocol.Refused(
-                "too_many_series",
-                f"run {run_id!r} would exceed {self.config.max_series_per_run} series")
-        series |= new
+                "bucket_width_mismatch",
+                f"item has bucket_seconds {p.bucket_seconds}, the server uses {width}")
+        if not now - self.config.max_bucket_age <= p.bucket <= now + self.config.max_bucket_ahead:
+            raise protocol.Refused(
+                "bucket_out_of_window",
+                f"bucket {p.bucket} is outside [now - {self.config.max_bucket_age:g}s, "
+                f"now + {self.config.max_bucket_ahead:g}s]")
+        name = (p.metric, p.tags)
+        if name not in series:
+            if len(series) >= self.config.max_series_per_run:
+                raise protocol.Refused(
+                    "too_many_series",
+                    f"run {run_id[:80]!r} has its {self.config.max_series_per_run} series")
+            series.add(name)
+
+    async def rerun_of(self, hello: protocol.Hello) -> str | None:
+        """Why this forwarder's input must not be added to its run (it is there), or
+        None. When the database cannot tell, the input is let in: losing data is worse."""
+        if hello.input_id is None or hello.append or self._sink is None:
+            return None
+        try:
+            async with asyncio.timeout(5):
+                first, since = await self._sink.claim_input(hello.run_id, hello.input_id,
+                                                            hello.producer)
+        except Exception as exc:  # the database is away or slow
+            log.warning("cannot check whether run %r already holds this input (%s); "
+                        "accepting it", hello.run_id[:80], exc)
+            return None
+        if first == hello.producer:
+            return None
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+        return (f"run {hello.run_id[:80]!r} already holds this input (sent by another "
+                f"forwarder at {when}); pass --append to add it a second time, or use "
+                "another --run-id")
+
+    def note_cap(self, cap: str, detail: str) -> None:
+        """Count a limit that was hit; say so at most once a minute per limit."""
+        self.stats.caps_hit[cap] += 1
+        now = time.monotonic()
+        if now - self._caps_said.get(cap, -1e9) >= 60:
+            self._caps_said[cap] = now
+            log.warning("limit %s reached: %s (counted in tdagg_limit_hits_total)", cap,
+                        detail)
 
     def merge(self, run_id: str, producer: str, partials: list[Any], position: int) -> None:
         segment = segment_of(position)
@@ -258,18 +444,42 @@ class AggregatorServer:
             self.stats.samples += self.aggregator.samples(partial)
         self.stats.items += len(partials)
 
-    async def _replay(self) -> None:
+    def _fit_connections_to_files(self) -> None:
+        """Raise the open-files limit to its hard limit, and keep the connection cap
+        below it, so that the log, the database and /metrics always have descriptors."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+        room = max(soft - FILES_RESERVED, 1) if soft != resource.RLIM_INFINITY else None
+        if room is not None and self.max_connections > room:
+            log.warning("max_connections %d lowered to %d: the open-files limit is %d "
+                        "(raise LimitNOFILE / ulimit -n)", self.max_connections, room, soft)
+            self.max_connections = room
+
+    async def _replay(self, records: list[Any]) -> None:
         """Merge logged frames whose data the database rows do not hold yet."""
-        records = self.wal.open()
         if not records:
             return
         assert self._sink is not None
         parsed = []
+        refused = 0
         for record in records:
-            message = protocol.unpack(record.body)
-            items = protocol.parse_data(message, self.limits).items
-            partials = [self.aggregator.parse_item(item, self.limits) for item in items]
+            # Only accepted items are logged; a release that refused fewer items may
+            # have logged one that this release refuses: it is counted and skipped.
+            partials = []
+            for item in protocol.unpack(record.body).get("items") or []:
+                try:
+                    partials.append(self.aggregator.parse_item(item, self.limits))
+                except protocol.Refused as exc:
+                    refused += 1
+                    self.stats.refused_items[exc.reason] += 1
+                    self.stats.refused_samples[exc.reason] += protocol.claimed_samples(item)
             parsed.append((record, partials))
+        if refused:
+            log.warning("replay: %d logged items are refused by this release's validation "
+                        "(counted in tdagg_refused_items_total)", refused)
         keys = list({self.aggregator.key_of(r.run_id, p) for r, ps in parsed for p in ps})
         stored = await self._sink.stored_positions(keys)
         skipped = 0
@@ -287,16 +497,24 @@ class AggregatorServer:
     # --- lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:
+        # The state directory first: it is locked, so a second server on it stops here.
+        records = self.wal.open()
+        if self.wal.torn_tail is not None:
+            log.warning("write-ahead log: %s", self.wal.torn_tail)
+        self._fit_connections_to_files()
         self._pool = await asyncpg.create_pool(self.dsn or None, min_size=1, max_size=2)
         async with self._pool.acquire() as conn:
             await ensure_schema(conn)
         self._sink = PgSink(self._pool, self.aggregator, self.config.bucket_seconds)
-        await self._replay()
+        await self._replay(records)
         # A new or wiped state directory must still log at positions above every row's.
         stored_max = await self._sink.max_position()
         self.wal.ensure_after(stored_max)
         host, port = self.config.listen
-        self._listener = await asyncio.start_server(self._accept, host, port)
+        try:
+            self._listener = await asyncio.start_server(self._accept, host, port)
+        except OSError as exc:
+            raise ConfigError(f"listen {host}:{port}: {exc.strerror or exc}") from None
         self._flush_task = asyncio.create_task(self._flush_loop())
         if self.config.metrics_listen is not None:
             self.metrics = MetricsEndpoint(self.render_metrics, self.healthy)
@@ -313,9 +531,18 @@ class AggregatorServer:
                 notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
+    def problems(self) -> list[str]:
+        """Why the server is unhealthy now: the log, database writes, the flush loop."""
+        return [f"{what}: {error}" for what, error in (
+            ("write-ahead log", self.log_error), ("database writes", self.write_error),
+            ("flush loop", self.flush_error)) if error]
+
     async def healthy(self) -> bool:
-        """Listening and the database answers within two seconds."""
+        """Listening, the log writable, writes succeeding, and the database answers
+        within two seconds."""
         if self._listener is None or not self._listener.is_serving() or self._pool is None:
+            return False
+        if self.problems():
             return False
         try:
             async with asyncio.timeout(2):
@@ -357,6 +584,32 @@ class AggregatorServer:
              [(label, s.write_failures)]),
             ("tdagg_refused_frames_total", counter, "frames refused, by reason",
              [(f'{label},reason="{r}"', n) for r, n in sorted(s.refused.items())]),
+            ("tdagg_refused_items_total", counter,
+             "items refused alone (the rest of their frame is kept), by reason",
+             [(f'{label},reason="{r}"', n) for r, n in sorted(s.refused_items.items())]),
+            ("tdagg_refused_samples_total", counter, "k6 samples in refused items, by reason",
+             [(f'{label},reason="{r}"', n) for r, n in sorted(s.refused_samples.items())]),
+            ("tdagg_tags_shortened_total", counter,
+             "tag keys or values longer than max_tag_length, stored shortened",
+             [(label, s.notes["tags_shortened"])]),
+            ("tdagg_quarantined_rows_total", counter,
+             "bucket rows the database refused for good, kept in quarantine.msgpack",
+             [(label, s.quarantined_buckets)]),
+            ("tdagg_quarantined_samples_total", counter, "k6 samples in quarantined rows",
+             [(label, s.quarantined_samples)]),
+            ("tdagg_log_failures_total", counter,
+             "reads whose frames the write-ahead log could not store (not acknowledged)",
+             [(label, s.log_failures)]),
+            ("tdagg_flush_loop_errors_total", counter, "errors caught by the flush loop",
+             [(label, s.flush_loop_errors)]),
+            ("tdagg_connection_timeouts_total", counter,
+             "connections closed for sending no hello or no data in time",
+             [(label, s.timeouts)]),
+            ("tdagg_limit_hits_total", counter, "connections or reads stopped by a limit",
+             [(f'{label},limit="{r}"', n) for r, n in sorted(s.caps_hit.items())]),
+            ("tdagg_healthy", gauge,
+             "1 when the log is writable, writes succeed and the flush loop runs",
+             [(label, 0 if self.problems() else 1)]),
             ("tdagg_wal_bytes", gauge, "write-ahead log size on disk",
              [(label, self.wal.size_bytes())]),
             ("tdagg_wal_syncs_total", counter,
@@ -380,6 +633,11 @@ class AggregatorServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
+        if len(self._connections) >= self.max_connections:
+            self.note_cap("max_connections", f"{len(self._connections)} connections open; "
+                          "new ones are closed until some end")
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
@@ -419,11 +677,26 @@ class AggregatorServer:
                 return
             except TimeoutError:
                 pass
-            self._swap_out(self.open.take_closable(time.time(), self.config.grace))
-            if await self.flush_closing():
+            try:
+                self._swap_out(self.open.take_closable(time.time(), self.config.grace))
+                written = await self.flush_closing()
+            except Exception as exc:  # the loop must outlive any bug or disk error
+                self._flush_failed(exc)
+                written = False
+            else:
+                self.flush_error = None
+            if written:
                 delay = self.config.flush_interval
             else:
                 delay = min(max(delay * 2, 0.5), 2.0)
+
+    def _flush_failed(self, exc: Exception) -> None:
+        self.stats.flush_loop_errors += 1
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self.flush_error:  # once per distinct error, not every iteration
+            log.error("flush loop error (it goes on; /healthz reports 503 until an "
+                      "iteration succeeds): %s", text, exc_info=exc)
+        self.flush_error = text
 
     def _swap_out(self, entries: dict[BucketKey, Entry[Any]]) -> None:
         for key, entry in entries.items():
@@ -434,7 +707,11 @@ class AggregatorServer:
                 absorb_entry(self.aggregator, pending, entry)
 
     async def flush_closing(self) -> bool:
-        """Write every closing bucket in one batch; evict only after the commit."""
+        """Write every closing bucket in one batch; evict only after the commit.
+
+        A batch that fails in a way retrying cannot mend is split until the entries
+        that fail alone are found; those are quarantined and the rest is written.
+        """
         if not self.closing:
             return True
         assert self._sink is not None
@@ -442,25 +719,64 @@ class AggregatorServer:
         self.closing = {}
         started = time.perf_counter()
         try:
-            late = await self._sink.write(batch)
-        except Exception as exc:  # any failure: writes are idempotent, so retry them all
+            late, failed = await self._sink.write_each(batch)
+            quarantined = self._quarantine(batch, failed)
+        except Exception as exc:  # the database is away: writes are idempotent, retry all
             self.stats.write_failures += 1
+            self.write_error = f"{type(exc).__name__}: {exc}"
             log.error("database write of %d buckets failed, kept for retry: %r",
                       len(batch), exc)
             # Put the batch back in front of anything closed meanwhile.
             newer, self.closing = self.closing, batch
             self._swap_out(newer)
             return False
+        self.write_error = None
+        for key in failed.keys() - quarantined:  # the quarantine file could not be written
+            self.closing[key] = batch[key]
         self.stats.write_seconds.observe(time.perf_counter() - started)
-        self.stats.buckets_written += len(batch)
+        self.stats.buckets_written += len(batch) - len(failed)
         if late:
             self.stats.late_rows += late
             log.warning("late data: merged into %d already written bucket rows", late)
         self._release_log()
-        return True
+        return not self.closing
+
+    def _quarantine(self, batch: dict[BucketKey, Entry[Any]],
+                    failed: dict[BucketKey, BaseException]) -> set[BucketKey]:
+        """Keep the entries the database refuses in the quarantine file; the keys kept
+        there (none when the file cannot be written: they stay queued)."""
+        if not failed:
+            return set()
+        agg = self.aggregator
+        records = []
+        for (run_id, metric, tags, bucket), exc in failed.items():
+            state = batch[(run_id, metric, tags, bucket)].state
+            try:
+                values: Any = list(agg.values(state))
+            except Exception as values_exc:  # the state itself is what is broken
+                values = f"{state!r} ({values_exc!r})"
+            records.append({"table": agg.table, "run_id": run_id, "metric": metric,
+                            "tags": dict(tags), "bucket": bucket,
+                            "samples": agg.state_samples(state),
+                            "error": f"{type(exc).__name__}: {exc}", "values": values})
+        try:
+            self.quarantine.append(records)
+        except OSError as exc:
+            log.error("cannot write %s (%s): %d bucket rows the database refuses stay "
+                      "queued", self.quarantine.path, exc, len(records))
+            return set()
+        for record in records:
+            self.stats.quarantined_buckets += 1
+            self.stats.quarantined_samples += record["samples"]
+            log.error("quarantined bucket row: run %r metric %r tags %r bucket %d (%d "
+                      "samples): the database refuses it: %s; kept in %s",
+                      record["run_id"][:80], record["metric"][:80], record["tags"],
+                      record["bucket"], record["samples"], record["error"],
+                      self.quarantine.path)
+        return set(failed)
 
     def _forget_idle_runs(self) -> None:
-        """The series cap is per run; a run silent for a day no longer needs its set."""
+        """The series cap is per run; a run silent for RUN_IDLE_SECONDS drops its set."""
         cutoff = time.time() - RUN_IDLE_SECONDS
         for run_id in [r for r, seen in self.series_seen.items() if seen < cutoff]:
             del self.series_seen[run_id]
@@ -492,24 +808,51 @@ class AggregatorServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flush_task
         # 3. Flush every open bucket, closed or not, retrying while the database is away.
+        #    Rows the database refuses for good that cannot be quarantined either (a
+        #    full disk) stay in the log, which replays them at the next start.
         self._swap_out(self.open.take_all())
         delay = 0.2
-        while not await self.flush_closing():
+        while not await self._flush_for_shutdown():
+            if self.write_error is None:
+                self.unwritten_at_exit = len(self.closing)
+                log.error("%d bucket rows are neither stored nor quarantined; they stay in "
+                          "the write-ahead log %s and are replayed at the next start",
+                          len(self.closing), self.wal.directory)
+                break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         # 4. Close the log (everything in it is now in the database) and the pool.
         self.group_commit.close()
-        self.wal.close()
+        try:
+            self.wal.close()
+        except OSError as exc:
+            log.error("write-ahead log %s could not be closed cleanly (%s); every bucket "
+                      "row is written, so nothing is lost", self.wal.directory, exc)
         if self.metrics is not None:
             await self.metrics.close()
         if self._pool is not None:
             await self._pool.close()
 
+    async def _flush_for_shutdown(self) -> bool:
+        try:
+            return await self.flush_closing()
+        except Exception as exc:  # e.g. the log cannot roll on a full disk
+            self._flush_failed(exc)
+            return False
+
+    def _on_signal(self) -> None:
+        # Only sets a flag; shutdown runs in order in serve_until_signal. A second signal
+        # forces the exit: what is not written yet is in the log and replayed at start.
+        if self.should_exit.is_set():
+            print("second signal: exiting now; unwritten buckets are replayed from the "
+                  "write-ahead log at the next start", file=sys.stderr, flush=True)
+            os._exit(1)
+        self.should_exit.set()
+
     async def serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            # The handler only sets a flag; shutdown runs in order below.
-            loop.add_signal_handler(sig, self.should_exit.set)
+            loop.add_signal_handler(sig, self._on_signal)
         await self.start()
         print(self.ready_line(), file=sys.stderr, flush=True)
         await self.should_exit.wait()
@@ -517,5 +860,7 @@ class AggregatorServer:
         await self.shutdown()
         s = self.stats
         print(f"stopped: {s.frames} frames, {s.samples} samples, {s.buckets_written} bucket "
-              f"rows written, {s.late_rows} late, {sum(s.refused.values())} refused",
+              f"rows written, {s.late_rows} late, {sum(s.refused.values())} frames and "
+              f"{sum(s.refused_items.values())} items refused, {s.quarantined_buckets} rows "
+              f"quarantined, {self.unwritten_at_exit} left in the log",
               file=sys.stderr, flush=True)

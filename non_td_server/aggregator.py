@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -37,11 +38,15 @@ class CounterAggregator:
     value_columns = ("metric_type", "value", "count", "nonzero", "min", "max", "state")
     stored_columns = ("metric_type", "value", "count", "nonzero", "min", "max", "state")
 
-    def parse_item(self, item: object, limits: Limits) -> CounterPartial:
-        return parse_counter_item(item, limits)
+    def parse_item(self, item: object, limits: Limits,
+                   notes: Counter[str] | None = None) -> CounterPartial:
+        return parse_counter_item(item, limits, notes)
 
     def key_of(self, run_id: str, partial: CounterPartial) -> BucketKey:
         return (run_id, partial.metric, partial.tags, partial.bucket)
+
+    def state_samples(self, state: CounterState) -> int:
+        return state.count
 
     def samples(self, partial: CounterPartial) -> int:
         return partial.samples

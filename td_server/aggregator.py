@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from common import digest
@@ -44,11 +45,15 @@ class TrendAggregator:
                      "zeros")
     stored_columns = ("count", "sum", "min", "max", "digest", "zeros")
 
-    def parse_item(self, item: object, limits: Limits) -> TrendPartial:
-        return parse_trend_item(item, limits)
+    def parse_item(self, item: object, limits: Limits,
+                   notes: Counter[str] | None = None) -> TrendPartial:
+        return parse_trend_item(item, limits, notes)
 
     def key_of(self, run_id: str, partial: TrendPartial) -> BucketKey:
         return (run_id, partial.metric, partial.tags, partial.bucket)
+
+    def state_samples(self, state: TrendState) -> int:
+        return state.count
 
     def samples(self, partial: TrendPartial) -> int:
         return partial.samples

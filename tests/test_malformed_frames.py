@@ -106,7 +106,9 @@ class Kind:
     A fatal kind uses one fresh connection per attempt (after a valid hello when
     ``after_hello``) and expects one fatal error frame then EOF, or EOF alone when
     ``reason`` is None. Otherwise the frames are pipelined on a few connections that
-    said hello, and each is answered by a non-fatal error naming its seq when ``echo``.
+    said hello. A frame refused whole (``echo`` False) is answered by a non-fatal error;
+    a frame whose one item is refused (``echo``) by an error naming its seq and listing
+    the refused item, then an ack: refusal is per item.
     """
 
     name: str
@@ -207,19 +209,22 @@ def frame_kinds(role: str) -> list[Kind]:
         Kind("empty metric name", "bad_field", lambda i: data(i, [item(role, metric="")])),
         Kind("too many tags", "too_many_tags",
              lambda i: data(i, [item(role, tags={f"k{n}": "v" for n in range(33)})])),
-        Kind("tag value too long", "too_long",
-             lambda i: data(i, [item(role, tags={"name": "v" * 257})])),
-        Kind("tag key too long", "too_long",
-             lambda i: data(i, [item(role, tags={"k" * 257: "v"})])),
+        Kind("NUL in a tag value", "bad_character",
+             lambda i: data(i, [item(role, tags={"name": "v\x00" * (1 + i % 5)})])),
+        Kind("NUL in a tag key", "bad_character",
+             lambda i: data(i, [item(role, tags={"na\x00me": "v"})])),
+        Kind("NUL in the metric name", "bad_character",
+             lambda i: data(i, [item(role, metric="m\x00")])),
+        Kind("value beyond 1e20", "huge_value",
+             lambda i: data(i, [item(role, lo=-1.7e308, total=-1e300)])),
+        Kind("sum beyond count x max", "bad_field",
+             lambda i: data(i, [item(role, total=1.7e308)])),
         Kind("tag value not a string", "bad_field",
              lambda i: data(i, [item(role, tags={"name": cycle([1, None, b"a"], i)})])),
         # The run is already at its series cap (see prefill_series_cap).
         Kind("too many series for the run", "too_many_series",
              lambda i: frame({"type": "data", "seq": i, "pad": PAD,
                               "items": [item(role, metric=f"extra-{i}")]})),
-        # One good item does not save a frame with a bad one: nothing of it is merged.
-        Kind("good item beside a bad one", "not_finite",
-             lambda i: data(i, [item(role, metric="beside"), item(role, total=NAN)])),
     ] + (td_kinds() if role == TD else counter_kinds())
 
 
@@ -265,6 +270,15 @@ def counter_kinds() -> list[Kind]:
 # --- running the kinds against a server ----------------------------------------------------
 
 
+ANY_COUNT = "the samples the item claims"
+
+
+def refusals(server: AggregatorServer) -> Counter[str]:
+    """Frames refused whole by reason, and items refused alone as "item:REASON"."""
+    items = Counter({f"item:{r}": n for r, n in server.stats.refused_items.items()})
+    return server.stats.refused + items
+
+
 def decode_all(raw: bytes) -> list[dict[str, Any]]:
     return [protocol.unpack(b) for b in protocol.FrameDecoder().feed(raw)]
 
@@ -301,6 +315,13 @@ async def fatal_attempt(address: tuple[str, int], role: str, kind: Kind, i: int)
         assert isinstance(answers[0]["detail"], str)
 
 
+async def _next_error(client: Client, kind: Kind, seq: int) -> dict[str, Any]:
+    try:
+        return await client.receive()
+    except TimeoutError:
+        raise AssertionError(f"{kind.name}: seq {seq} not answered") from None
+
+
 async def frame_kind(address: tuple[str, int], role: str, kind: Kind) -> None:
     per_connection = REPEATS // CONNECTIONS
     problem = None
@@ -311,13 +332,27 @@ async def frame_kind(address: tuple[str, int], role: str, kind: Kind) -> None:
             seqs = range(1 + c * per_connection, 1 + (c + 1) * per_connection)
             client.writer.write(b"".join(kind.build(seq) for seq in seqs))
             await client.writer.drain()
-            for seq in seqs:  # every frame is answered, and the connection stays open
-                answer = await client.receive()
-                expected = {"type": "error", "seq": seq if kind.echo else None,
-                            "reason": kind.reason, "fatal": False}
-                if problem is None and {k: v for k, v in answer.items()
-                                        if k != "detail"} != expected:
+            # Every frame is answered, and the connection stays open. Acks are cumulative
+            # (one per read), so they are taken apart from the errors.
+            acked = 0
+            for seq in seqs:
+                answer = await _next_error(client, kind, seq)
+                while answer["type"] == "ack":
+                    acked = answer["seq"]
+                    answer = await _next_error(client, kind, seq)
+                expected: dict[str, Any] = {"type": "error", "seq": seq if kind.echo else None,
+                                            "reason": kind.reason, "fatal": False}
+                got = {k: v for k, v in answer.items() if k != "detail"}
+                if kind.echo and "items" in answer:  # one item refused, the rest acked
+                    expected["items"] = [[kind.reason, 1, ANY_COUNT, answer["detail"]]]
+                    got["items"] = [[r, n, ANY_COUNT, d] for r, n, _, d in answer["items"]]
+                if problem is None and got != expected:
                     problem = f"{kind.name}: seq {seq} answered {answer}, expected {expected}"
+            while kind.echo and acked < seqs[-1] and problem is None:
+                answer = await _next_error(client, kind, seqs[-1])
+                if answer["type"] != "ack":
+                    problem = f"{kind.name}: {answer} where an ack was expected"
+                acked = answer.get("seq", acked)
         finally:
             await client.close()
     assert problem is None, problem
@@ -355,7 +390,7 @@ async def garbage_round(server: AggregatorServer, role: str) -> tuple[Counter[st
             problems.append(str(result))
         elif isinstance(result, BaseException):
             raise result
-        expected[kind.reason or ""] += REPEATS
+        expected[f"item:{kind.reason}" if kind.echo else kind.reason or ""] += REPEATS
     del expected[""]
 
     async def all_closed() -> bool:
@@ -471,8 +506,9 @@ async def test_malformed_input_is_refused_counted_and_forgotten(
         await prefill_series_cap(server.address, role)
 
         expected, problems = await garbage_round(server, role)
+        assert not problems, "\n".join(problems)
         assert sum(expected.values()) > 10_000
-        assert server.stats.refused == expected
+        assert refusals(server) == expected
         assert server.stats.items == MAX_SERIES  # the prefill only
 
         # A good client is unharmed, and its data is stored exactly (checked below).
@@ -492,7 +528,7 @@ async def test_malformed_input_is_refused_counted_and_forgotten(
         finally:
             tracemalloc.stop()
         assert after - before < GROWTH_LIMIT, [str(s) for s in top]
-        assert server.stats.refused == expected + expected
+        assert refusals(server) == expected + expected
         assert server.stats.items == items_before
         # The round sent several times the growth limit.
         assert server.stats.bytes - bytes_before > 3 * GROWTH_LIMIT

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -387,7 +389,7 @@ def test_trend_item_boundaries_accepted() -> None:
     assert len(parsed.tags) == 32
     # Equal means (a point mass split over centroids) are sorted, not refused.
     tie = with_field(good_trend_list(), 8, blob([(2.0, 2.0), (2.0, 2.0)]))
-    tie[6], tie[7] = 2.0, 2.0
+    tie[5], tie[6], tie[7] = 8.0, 2.0, 2.0
     assert parse_trend_item(tie, LIMITS).samples == 4
     # Integers are accepted where floats are expected.
     ints = with_field(with_field(with_field(good_trend_list(), 5, 9), 6, 1), 7, 4)
@@ -461,8 +463,15 @@ TREND_REFUSALS = [
     ("tags none", lambda i: with_field(i, 1, None), "bad_field"),
     ("too many tags",
      lambda i: with_field(i, 1, {f"k{n}": "v" for n in range(33)}), "too_many_tags"),
-    ("tag value too long", lambda i: with_field(i, 1, {"name": "v" * 257}), "too_long"),
-    ("tag key too long", lambda i: with_field(i, 1, {"k" * 257: "v"}), "too_long"),
+    ("NUL in a tag value", lambda i: with_field(i, 1, {"name": "a\x00b"}), "bad_character"),
+    ("NUL in a tag key", lambda i: with_field(i, 1, {"na\x00me": "a"}), "bad_character"),
+    ("NUL in the metric", lambda i: with_field(i, 0, "http\x00"), "bad_character"),
+    ("empty tag key", lambda i: with_field(i, 1, {"": "a"}), "bad_field"),
+    ("min beyond 1e20", lambda i: with_field(i, 6, -1.7e308), "huge_value"),
+    ("max beyond 1e20", lambda i: with_field(i, 7, 1.7e308), "huge_value"),
+    ("sum above count * max", lambda i: with_field(i, 5, 1e300), "bad_field"),
+    ("centroid above max", lambda i: with_field(i, 7, 1.5), "bad_digest"),
+    ("count above 2**53", lambda i: with_field(i, 4, 2**53 + 1), "bad_field"),
     ("tag value number", lambda i: with_field(i, 1, {"status": 200}), "bad_field"),
     ("tag key number", lambda i: with_field(i, 1, {200: "status"}), "bad_field"),
 ]
@@ -511,13 +520,34 @@ def test_trend_digest_size_limit() -> None:
 
 
 def test_trend_tag_limits_are_configurable() -> None:
-    limits = Limits(max_tags=2, max_tag_length=3)
-    ok = with_field(good_trend_list(), 1, {"abc": "xyz", "b": "c"})
-    assert parse_trend_item(ok, limits).tags == (("abc", "xyz"), ("b", "c"))
+    limits = Limits(max_tags=2, max_tag_length=40)
+    ok = with_field(good_trend_list(), 1, {"a" * 40: "x" * 40, "b": "c"})
+    assert parse_trend_item(ok, limits).tags == (("a" * 40, "x" * 40), ("b", "c"))
     three = with_field(good_trend_list(), 1, {"a": "1", "b": "2", "c": "3"})
     assert refused(lambda: parse_trend_item(three, limits)) == "too_many_tags"
-    long = with_field(good_trend_list(), 1, {"abcd": "x"})
-    assert refused(lambda: parse_trend_item(long, limits)) == "too_long"
+
+
+def test_long_tags_are_shortened_stably_not_refused() -> None:
+    """A long URL in k6's `name` tag must never cost its frame: both ends shorten it to
+    its first (limit - 17) characters, "~" and 16 hex digits of BLAKE2b-64."""
+    url = "https://shop.example/" + "p/🛒" * 120  # 381 characters, 4-byte ones among them
+    notes: Counter[str] = Counter()
+    parsed = parse_trend_item(with_field(good_trend_list(), 1, {"name": url, "k" * 300: "v"}),
+                              LIMITS, notes)
+    tags = dict(parsed.tags)
+    expected_hash = hashlib.blake2b(url.encode("utf-8"), digest_size=8).hexdigest()
+    shortened_url = url[:256 - 17] + "~" + expected_hash
+    assert len(shortened_url) == 256
+    assert shortened_url in tags.values()
+    key = "k" * 239 + "~" + hashlib.blake2b(b"k" * 300, digest_size=8).hexdigest()
+    assert tags[key] == "v"
+    assert notes == {"tags_shortened": 2}
+    # The same value always gives the same tag; another value another one.
+    again = parse_trend_item(with_field(good_trend_list(), 1, {"name": url}), LIMITS)
+    other = parse_trend_item(with_field(good_trend_list(), 1, {"name": url + "x"}), LIMITS)
+    assert dict(again.tags)["name"] == shortened_url != dict(other.tags)["name"]
+    counter = parse_counter_item(with_field(good_counter_list(), 2, {"name": url}), LIMITS)
+    assert dict(counter.tags)["name"] == shortened_url
 
 
 def test_trend_weight_sum_overflow_is_refused_cleanly() -> None:
@@ -529,7 +559,7 @@ def test_trend_weight_sum_overflow_is_refused_cleanly() -> None:
     item = with_field(good_trend_list(), 8, blob([(1.0, 1e308), (2.0, 1e308)]))
     assert refused(lambda: parse_trend_item(item, LIMITS)) == "bad_digest"
     # Also with zeros beside the digest and the largest count msgpack can carry.
-    item = with_field(with_field(item, 4, 2**64 - 1), 9, 2**63)
+    item = with_field(with_field(item, 4, 2**53), 9, 2**52)
     assert refused(lambda: parse_trend_item(item, LIMITS)) == "bad_digest"
 
 
@@ -575,7 +605,10 @@ COUNTER_REFUSALS = [
     ("metric too long", lambda i: with_field(i, 0, "m" * 201), "too_long"),
     ("too many tags",
      lambda i: with_field(i, 2, {f"k{n}": "v" for n in range(33)}), "too_many_tags"),
-    ("tag too long", lambda i: with_field(i, 2, {"name": "x" * 257}), "too_long"),
+    ("NUL in a tag", lambda i: with_field(i, 2, {"name": "x\x00"}), "bad_character"),
+    ("last value beyond 1e20", lambda i: with_field(with_field(with_field(
+        with_field(i, 1, "gauge"), 8, -1e21), 9, 1e21), 11, 1e21), "huge_value"),
+    ("sum of 1.7e308", lambda i: with_field(i, 5, 1.7e308), "bad_field"),
     ("tags not map", lambda i: with_field(i, 2, "name=a"), "bad_field"),
 ]
 
@@ -784,8 +817,10 @@ def test_fuzz_structured_messages(messages: list[dict[str, Any]], cuts: list[int
                                         max_centroids=64))
 
 
-_tag_text = st.text(min_size=1, max_size=10)
-_tags = st.dictionaries(_tag_text, st.text(max_size=10), max_size=4).map(
+# Any text a database can store: everything but NUL (refused; see the refusal tests).
+_storable = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))
+_tag_text = st.text(_storable, min_size=1, max_size=10)
+_tags = st.dictionaries(_tag_text, st.text(_storable, max_size=10), max_size=4).map(
     lambda d: tuple(sorted(d.items())))
 _bucket = st.sampled_from([1, 10, 60]).flatmap(
     lambda w: st.tuples(st.integers(0, 3_000_000_000 // w).map(lambda n: n * w), st.just(w)))
@@ -808,10 +843,13 @@ def _counter_partial(draw: st.DrawFn) -> CounterPartial:
     lo = draw(_finite)
     hi = draw(st.floats(min_value=lo, max_value=1e12))
     bucket, width = draw(_bucket)
+    # A sum of `count` values in [lo, hi], and a last value among them.
+    total = draw(st.floats(min_value=count * lo, max_value=count * hi))
     return CounterPartial(draw(_tag_text), draw(st.sampled_from(protocol.NON_TD_KINDS)),
-                          draw(_tags), bucket, width, draw(_finite), count,
+                          draw(_tags), bucket, width, total, count,
                           draw(st.integers(0, count)), lo, hi,
-                          draw(st.integers(0, 2**63 - 1)), draw(_finite))
+                          draw(st.integers(0, 2**63 - 1)),
+                          draw(st.floats(min_value=lo, max_value=hi)))
 
 
 @FUZZ

@@ -144,9 +144,11 @@ async def test_bad_frames_are_refused_and_others_unharmed(dsn: str, tmp_path: Pa
         answer = await bad.send(1, [["m", {}, OLD_BUCKET, 10, 1, 1.0, 1.0, 1.0, b"\x00" * 15, 0]])
         assert answer["type"] == "error"
         assert answer["reason"] == "bad_digest"
+        assert await bad.receive() == {"type": "ack", "seq": 1}  # the rest (nothing) is kept
         answer = await bad.send(2, [["m", {}, OLD_BUCKET + 3, 10, 1, 1.0, 1.0, 1.0,
                                      digest.encode(digest.from_values([1.0])), 0]])
         assert answer["reason"] == "unaligned_bucket"
+        assert await bad.receive() == {"type": "ack", "seq": 2}
         # Garbage that cannot be framed closes only that connection.
         reader, writer = await asyncio.open_connection(*server.address)
         writer.write(b"\xff\xff\xff\xff" + b"x" * 100)
@@ -160,7 +162,7 @@ async def test_bad_frames_are_refused_and_others_unharmed(dsn: str, tmp_path: Pa
             return server.stats.buckets_written >= 1
 
         await wait_until(written)
-        assert server.stats.refused["bad_digest"] == 1
+        assert server.stats.refused_items == {"bad_digest": 1, "unaligned_bucket": 1}
         assert server.stats.refused["bad_framing"] == 1
         await good.close()
         await bad.close()
@@ -186,7 +188,7 @@ async def test_schema_is_idempotent(dsn: str, tmp_path: Path) -> None:
         pass
     rows = await fetch(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
                             "ORDER BY 1")
-    assert [r[0] for r in rows] == ["counter_buckets", "trend_buckets"]
+    assert [r[0] for r in rows] == ["counter_buckets", "run_inputs", "trend_buckets"]
 
 
 async def test_log_is_bounded_by_unwritten_buckets(dsn: str, tmp_path: Path) -> None:

@@ -89,7 +89,8 @@ async def test_metrics_endpoint_counts_what_happened(dsn: str, tmp_path: Path) -
         assert (await client.send(1, [trend_item(values)]))["type"] == "ack"
         refused = await client.send(2, [["m", {}, RECENT_BUCKET + 1, 10, 1, 1.0, 1.0, 1.0,
                                          b"", 1]])
-        assert refused["reason"] == "unaligned_bucket"
+        assert refused["items"] == [["unaligned_bucket", 1, 1, refused["detail"]]]
+        assert (await client.receive()) == {"type": "ack", "seq": 2}
 
         async def written() -> bool:
             return server.stats.buckets_written == 1
@@ -102,13 +103,16 @@ async def test_metrics_endpoint_counts_what_happened(dsn: str, tmp_path: Path) -
         assert samples[f"tdagg_frames_received_total{{{label}}}"] == 3  # hello + 2 data
         assert samples[f"tdagg_samples_merged_total{{{label}}}"] == 300
         assert samples[f"tdagg_buckets_written_total{{{label}}}"] == 1
-        assert samples[f'tdagg_refused_frames_total{{{label},reason="unaligned_bucket"}}'] == 1
+        assert samples[f'tdagg_refused_items_total{{{label},reason="unaligned_bucket"}}'] == 1
+        assert samples[f'tdagg_refused_samples_total{{{label},reason="unaligned_bucket"}}'] == 1
         assert samples[f"tdagg_connections_open{{{label}}}"] == 1
         assert samples[f"tdagg_db_write_seconds_count{{{label}}}"] == 1
         assert samples[f'tdagg_db_write_seconds_bucket{{{label},le="+Inf"}}'] == 1
         assert samples[f"tdagg_wal_bytes{{{label}}}"] > 0
-        # One data frame was logged; the refused one added nothing to sync.
-        assert samples[f"tdagg_wal_syncs_total{{{label}}}"] == 1
+        # Both data frames were logged (the second with no items, for its seq), one
+        # sync each.
+        assert samples[f"tdagg_wal_syncs_total{{{label}}}"] == 2
+        assert samples[f"tdagg_healthy{{{label}}}"] == 1
         assert "# TYPE tdagg_db_write_seconds histogram" in body
         assert await http_get(server.metrics.address, "/healthz") == (200, "ok\n")
         assert (await http_get(server.metrics.address, "/nope"))[0] == 404
@@ -263,3 +267,30 @@ async def test_forwarder_over_mutual_tls_with_token(dsn: str, tmp_path: Path,
         assert td.stats.samples == 50
         assert non_td.stats.samples == 50
         assert td.stats.refused == {}
+
+
+async def test_a_plaintext_forwarder_is_told_the_server_speaks_tls(
+        dsn: str, tmp_path: Path, certificates: Path) -> None:
+    import sys
+
+    from tests.faults import metric_lines
+
+    async with run_server(dsn, tmp_path, protocol.ROLE_TD, tls_cert=certificates / "server.pem",
+                          tls_key=certificates / "server.key") as td:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "k6_forward", "--run-id", "plain",
+            "--td", f"127.0.0.1:{td.address[1]}", "--non-td", f"127.0.0.1:{td.address[1]}",
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert process.stdin is not None
+        assert process.stderr is not None
+        process.stdin.write(("\n".join(metric_lines()) + "\n").encode())
+        try:
+            line = b""
+            async with asyncio.timeout(30):
+                while b"speaks TLS" not in line:
+                    line = await process.stderr.readline()
+                    assert line, "k6-forward ended without naming TLS"
+        finally:
+            process.kill()
+            await process.wait()
+    assert b"the server speaks TLS: pass --tls-ca" in line
