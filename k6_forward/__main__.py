@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import hashlib
 import os
 import ssl
 import stat
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import IO, Any
 
@@ -23,6 +25,10 @@ from k6_forward.lines import LineAggregator
 from k6_forward.link import LinkRefused, ServerLink
 
 CHUNK_BYTES = 1 << 20
+FINGERPRINT_BYTES = 64 * 1024
+# Exit status when input was read to its end and sent, but some of it is not stored:
+# lines that were not samples of k6's JSON, or samples the servers refused.
+EXIT_INCOMPLETE = 3
 IDLE_FLUSH_SECONDS = 2.0
 
 EPILOG = """\
@@ -37,8 +43,19 @@ after a reconnect (capped exponential backoff); the servers drop duplicates. Whi
 server is away, frames are held in memory up to --max-unacked-bytes, then in a spool
 file up to --max-spool-bytes; when both are full it stops reading its input and k6
 waits on the pipe. Lines it cannot use (not JSON, unknown metric type, a point before
-its Metric line, a bad time, a non-finite or huge value, a line cut off at the end) are
-reported with their line number, counted and skipped; the last line sums them up.
+its Metric line, a bad time, a non-finite or huge value, a NUL character in the metric
+or a grouped tag, a line cut off at the end) are reported with their line number,
+counted and skipped; the last line sums them up. k6's own text in the stream (banner,
+progress, summary) is harmless and only counted; a JSON line that k6's progress output
+cut in two is put back together. Tag values longer than 256 characters (long URLs in
+k6's name tag) are shortened to 239 characters, "~" and 16 hex digits of their hash.
+
+exit status:
+  0    every sample read was stored
+  1    an error stopped it (input unreadable, a server refused this forwarder)
+  2    bad configuration
+  3    it ran to the end, but some lines were lost or some samples refused by the
+       servers: the last line says how many, and why
 """
 
 
@@ -90,6 +107,17 @@ async def read_chunks(paths: Sequence[str]) -> AsyncIterator[bytes | None]:
                 stream.close()
 
 
+def fingerprint(head: bytes) -> str | None:
+    """What identifies an input: BLAKE2b-128 of its first FINGERPRINT_BYTES, cut at the
+    last whole line (so that it does not depend on how reads split the input), and that
+    length. A live k6 run's first lines hold its timestamps: no two runs share it."""
+    window = head[:FINGERPRINT_BYTES]
+    window = window[:window.rfind(b"\n") + 1]
+    if not window:
+        return None
+    return f"{hashlib.blake2b(window, digest_size=16).hexdigest()}-{len(window)}"
+
+
 def feed_chunk(lines: LineAggregator, carry: bytes, chunk: bytes) -> bytes:
     """Feed the complete lines of carry + chunk; return the incomplete rest (the new carry)."""
     if not carry:
@@ -133,11 +161,13 @@ class Forwarder:
         tls, token = client_security(config)
         self.td = ServerLink("td-server", config.td, producer, run_id, protocol.ROLE_TD,
                              config.max_unacked_bytes, spool_dir=config.spool_dir,
-                             max_spool_bytes=config.max_spool_bytes, tls=tls, token=token)
+                             max_spool_bytes=config.max_spool_bytes, tls=tls, token=token,
+                             append=config.append)
         self.non_td = ServerLink("non-td-server", config.non_td, producer, run_id,
                                  protocol.ROLE_NON_TD, config.max_unacked_bytes,
                                  spool_dir=config.spool_dir,
-                                 max_spool_bytes=config.max_spool_bytes, tls=tls, token=token)
+                                 max_spool_bytes=config.max_spool_bytes, tls=tls, token=token,
+                                 append=config.append)
         self.items_sent = 0
 
     async def send(self, closed: tuple[list[Any], list[Any]]) -> None:
@@ -149,11 +179,28 @@ class Forwarder:
         self.items_sent += len(trends) + len(counters)
 
     async def run(self, paths: Sequence[str]) -> None:
-        self.td.start()
-        self.non_td.start()
+        chunks = read_chunks(paths)
+        # The servers learn what this input is before its first frame, so that they can
+        # refuse a run fed the same input twice; idle input starts the links regardless.
+        head: list[bytes | None] = []
+        async for chunk in chunks:
+            head.append(chunk)
+            if chunk is None or sum(map(len, filter(None, head))) >= FINGERPRINT_BYTES:
+                break
+        input_id = fingerprint(b"".join(filter(None, head)))
+        for link in (self.td, self.non_td):
+            link.input_id = input_id
+            link.start()
         carry = b""
         grace = self.config.local_grace
-        async for chunk in read_chunks(paths):
+
+        async def all_chunks() -> AsyncIterator[bytes | None]:
+            for chunk in head:
+                yield chunk
+            async for chunk in chunks:
+                yield chunk
+
+        async for chunk in all_chunks():
             if chunk is None:
                 await self.send(self.lines.close_all())
                 continue
@@ -164,16 +211,42 @@ class Forwarder:
             self.lines.lines += 1
             self.lines.skip(self.lines.lines, "truncated_line",
                             f"input ended inside a line ({len(carry)} bytes without newline)")
+        self.lines.finish()
         await self.send(self.lines.close_all())
         await self.td.wait_acked()
         await self.non_td.wait_acked()
 
+    @property
+    def refused_samples(self) -> Counter[str]:
+        return self.td.refused_samples + self.non_td.refused_samples
+
+    @property
+    def complete(self) -> bool:
+        """Every line was used or harmless, and the servers took every sample."""
+        return not self.lines.skipped and not self.refused_samples \
+            and not (self.td.refused_items + self.non_td.refused_items)
+
     def summary(self) -> str:
-        skipped = sum(self.lines.skipped.values())
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.lines.skipped.items()))
-        return (f"k6-forward: done: {self.lines.lines} lines read, {self.lines.samples} samples "
-                f"in {self.items_sent} partials sent and acknowledged, {skipped} lines skipped"
-                + (f" ({reasons})" if reasons else ""))
+        lines = self.lines
+        skipped = sum(lines.skipped.values())
+        refused = self.refused_samples
+        stored = lines.samples - sum(refused.values())
+        text = (f"k6-forward: done: {lines.lines} lines read; {lines.samples} samples read, "
+                f"{stored} stored, {sum(refused.values())} refused by the servers"
+                + _reasons(refused) + f"; {skipped} lines lost" + _reasons(lines.skipped)
+                + f"; {lines.text_lines} lines of k6 text ignored")
+        if lines.rejoined:
+            text += f"; {lines.rejoined} lines cut by k6's progress output rejoined"
+        if lines.tags_shortened:
+            text += (f"; {lines.tags_shortened} tag values longer than "
+                     f"{lines.limits.max_tag_length} characters shortened")
+        return text + f"; {self.items_sent} partials acknowledged"
+
+
+def _reasons(counts: Counter[str]) -> str:
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) + ")"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,6 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "Forward a k6 --out json stream to td-server and non-td-server.",
                         argv, extra=extra)
     run_id = config.run_id or f"run-{uuid.uuid4().hex[:12]}"
+    problem = protocol.text_problem(run_id)
+    if problem or len(run_id) > protocol.Limits.max_name_length:
+        print(f"k6-forward: error: run_id {run_id[:60]!r} "
+              f"{problem or f'is longer than {protocol.Limits.max_name_length} characters'}",
+              file=sys.stderr)
+        return 2
     if not config.run_id:
         print(f"k6-forward: run id {run_id}", file=sys.stderr, flush=True)
     producer = uuid.uuid4().hex
@@ -208,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             await forwarder.td.close()
             await forwarder.non_td.close()
         print(forwarder.summary(), file=sys.stderr, flush=True)
+        if not forwarder.complete:
+            print("k6-forward: error: not every sample read was stored (see the counts "
+                  "above and the lines reported before them)", file=sys.stderr, flush=True)
+            return EXIT_INCOMPLETE
         return 0
 
     return run_loop(go())

@@ -39,7 +39,14 @@ import numpy as np
 import orjson
 
 from common import digest
-from common.protocol import CounterPartial, TrendPartial
+from common.protocol import (
+    MAX_ABS_VALUE,
+    CounterPartial,
+    Limits,
+    TrendPartial,
+    shorten,
+    text_problem,
+)
 from common.timebucket import NS_PER_S, parse_epoch_ns, parse_epoch_seconds
 
 KINDS = ("trend", "counter", "gauge", "rate")
@@ -71,10 +78,12 @@ _LINE = re.compile(
 # Items per line in _LINE.split's result: 5 groups and the (empty) text after the line,
 # which _read_values replaces by the line's value as a number.
 _FIELDS = 6
-# Larger magnitudes are taken as corrupt: a few of them would overflow a bucket's sum to
-# infinity, and the server would then refuse the whole frame. 1e20 still admits int64
-# nanosecond timestamps and every byte count or duration k6 produces.
-MAX_ABS_VALUE = 1e20
+# A fragment of a cut line waits this many lines for the rest of it (k6's progress
+# block is a few lines), then counts as lost.
+_FRAGMENT_LINES = 1000
+# Text that can only come from a k6 JSON line; a line without it that is not JSON is
+# k6's own text (banner, progress, summary) and harmless.
+_JSON_DEBRIS = re.compile(rb'^\s*\{|"(?:metric|type|data|time|value|tags)":|\}\}\s*$')
 _HEAD = b'{"metric":"'
 _TIME = b'","type":"Point","data":{"time":"'
 _VALUE = b'","value":'
@@ -132,10 +141,16 @@ class LineAggregator:
     """Feeds k6 JSON lines into open local buckets; closes them into partials."""
 
     def __init__(self, tag_keys: tuple[str, ...], bucket_seconds: int,
-                 report: IO[str] | None = None, max_reports: int = 50) -> None:
+                 report: IO[str] | None = None, max_reports: int = 50,
+                 limits: Limits | None = None) -> None:
         if bucket_seconds < 1:
             raise ValueError("bucket_seconds must be >= 1")
         self.tag_keys = tag_keys
+        self.limits = limits or Limits()
+        self.text_lines = 0  # k6's own text between the JSON lines: harmless
+        self.rejoined = 0  # JSON lines that k6's progress output cut, put back together
+        self.tags_shortened = 0
+        self._fragment: tuple[bytes, int] | None = None  # start of a cut line, its number
         self.bucket_seconds = bucket_seconds
         self.kinds: dict[str, str] = {}
         # bucket start -> (metric, tag values, kind) -> values of that series
@@ -316,7 +331,8 @@ class LineAggregator:
                         line = other
                         where = partial(self._locate, parts, other, 4)
                     else:
-                        continue  # an empty line
+                        self.text_lines += 1  # an empty line
+                        continue
                     self.watermark = watermark
                     slow_samples += self._slow_line(line, where)
                     watermark = self.watermark
@@ -405,6 +421,8 @@ class LineAggregator:
                 hash(values)
             except TypeError:
                 values = None
+            if values is not None and b"\\u0000" in text:
+                values = None  # the per-line path refuses a NUL in a grouped tag
         if len(self._tags) >= _MAX_CACHED_TAGS:
             self._tags.clear()
         self._tags[text] = values
@@ -428,55 +446,114 @@ class LineAggregator:
         """
         try:
             obj = orjson.loads(line)
-            if obj["type"] == "Point":
-                metric = obj["metric"]
-                kind = self.kinds.get(metric)
-                if kind is None:
-                    self.skip(where(), "point_before_metric",
-                              f"no Metric line for {metric!r} before this point")
-                    return 0
-                data = obj["data"]
-                value = data["value"]
-                if value.__class__ is not float and value.__class__ is not int:
-                    self.skip(where(), "bad_value", f"value {value!r} is not a number")
-                    return 0
-                if value - value != 0:
-                    self.skip(where(), "not_finite", f"value {value!r} is not finite")
-                    return 0
-                if not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
-                    self.skip(where(), "huge_value",
-                              f"value {value!r} is beyond +-{MAX_ABS_VALUE:g}")
-                    return 0
-                time_text = data["time"]
-                if not isinstance(time_text, str):
-                    raise TypeError(f"time {time_text!r} is not a string")
-                try:
-                    ns = parse_epoch_ns(time_text)
-                except ValueError as exc:
-                    self.skip(where(), "bad_time", str(exc))
-                    return 0
-                second = ns // NS_PER_S
-                if second > self.watermark:
-                    self.watermark = second
-                tags = data.get("tags") or _EMPTY_TAGS
-                tag_values = tuple(map(tags.get, self.tag_keys))
-                hash(tag_values)  # unhashable tag values are a bad shape
-                series = self._series(second - second % self.bucket_seconds, metric,
-                                      tag_values, kind)
-                if isinstance(series, _Gauge):
-                    series.add(ns, value)
-                else:
-                    series.values.append(value)
-                return 1
-            if obj["type"] == "Metric":
-                self._metric_line(where, obj)
-            else:
-                self.skip(where(), "unknown_line_type", f"line type {obj['type']!r}")
         except orjson.JSONDecodeError as exc:
-            self.skip(where(), "bad_json", f"not JSON: {exc}")
+            obj = self._not_json(line, where, exc)
+            if obj is None:
+                return 0
+        try:
+            return self._take(obj, where)
         except (KeyError, TypeError, AttributeError, IndexError) as exc:
             self.skip(where(), "bad_shape", f"not a k6 JSON line: {exc!r}")
         return 0
+
+    def _not_json(self, line: bytes, where: Callable[[], int],
+                  exc: orjson.JSONDecodeError) -> Any:
+        """A line that is not JSON: the rest of a cut line (the joined line is returned),
+        the start of one (kept), k6's own text (counted as harmless), or a loss."""
+        fragment = self._fragment
+        if fragment is not None:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                obj = orjson.loads(fragment[0] + line)
+                self._fragment = None
+                self.rejoined += 1
+                return obj
+        if _JSON_DEBRIS.search(line) is None:
+            self.text_lines += 1
+            if fragment is not None and where() - fragment[1] > _FRAGMENT_LINES:
+                self.finish()
+            return None
+        if line.lstrip().startswith(b"{") and exc.pos >= len(line.rstrip()):
+            # JSON that ends too soon. k6 writes its progress block into the same stdout
+            # as --out json=-, and it can land inside a JSON line: keep the start until
+            # the rest arrives.
+            self.finish()
+            self._fragment = (bytes(line), where())
+            return None
+        self.skip(where(), "bad_json", f"not JSON: {exc}")
+        return None
+
+    def finish(self) -> None:
+        """Count a cut line whose rest never came as lost. Call at end of input."""
+        if self._fragment is not None:
+            _, lineno = self._fragment
+            self._fragment = None
+            self.skip(lineno, "cut_line",
+                      "a JSON line cut by k6's progress output was never completed; run "
+                      "k6 with -q, or as: k6-forward [options] -- k6 run SCRIPT")
+
+    def _take(self, obj: Any, where: Callable[[], int]) -> int:
+        if obj["type"] == "Point":
+            metric = obj["metric"]
+            kind = self.kinds.get(metric)
+            if kind is None:
+                self.skip(where(), "point_before_metric",
+                          f"no Metric line for {metric!r} before this point")
+                return 0
+            data = obj["data"]
+            value = data["value"]
+            if value.__class__ is not float and value.__class__ is not int:
+                self.skip(where(), "bad_value", f"value {value!r} is not a number")
+                return 0
+            if value - value != 0:
+                self.skip(where(), "not_finite", f"value {value!r} is not finite")
+                return 0
+            if not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
+                self.skip(where(), "huge_value",
+                          f"value {value!r} is beyond +-{MAX_ABS_VALUE:g}")
+                return 0
+            time_text = data["time"]
+            if not isinstance(time_text, str):
+                raise TypeError(f"time {time_text!r} is not a string")
+            try:
+                ns = parse_epoch_ns(time_text)
+            except ValueError as exc:
+                self.skip(where(), "bad_time", str(exc))
+                return 0
+            tags = data.get("tags") or _EMPTY_TAGS
+            tag_values = tuple(map(tags.get, self.tag_keys))
+            hash(tag_values)  # unhashable tag values are a bad shape
+            problem = self._name_problem(metric, tag_values)
+            if problem:
+                self.skip(where(), problem[0], problem[1])
+                return 0
+            second = ns // NS_PER_S
+            if second > self.watermark:
+                self.watermark = second
+            series = self._series(second - second % self.bucket_seconds, metric,
+                                  tag_values, kind)
+            if isinstance(series, _Gauge):
+                series.add(ns, value)
+            else:
+                series.values.append(value)
+            return 1
+        if obj["type"] == "Metric":
+            self._metric_line(where, obj)
+        else:
+            self.skip(where(), "unknown_line_type", f"line type {obj['type']!r}")
+        return 0
+
+    def _name_problem(self, metric: str, tag_values: tuple[Any, ...]) -> tuple[str, str] | None:
+        """Why the servers would refuse this sample's metric name or tags, or None."""
+        if len(metric) > self.limits.max_name_length:
+            return "too_long", f"metric name longer than {self.limits.max_name_length} chars"
+        problem = text_problem(metric)
+        if problem:
+            return "bad_character", f"metric {metric[:40]!r} {problem}"
+        for key, value in zip(self.tag_keys, tag_values, strict=True):
+            problem = text_problem(value) if isinstance(value, str) else None
+            if problem:
+                return "bad_character", f"tag {key!r}: {value[:40]!r} {problem}"
+        return None
 
     def _metric_line(self, where: Callable[[], int], obj: dict[str, Any]) -> None:
         data = obj["data"]
@@ -506,8 +583,8 @@ class LineAggregator:
         for bucket in sorted(b for b in self.open if b <= last_bucket):
             for (metric, tag_values, kind), series in self.open.pop(bucket).items():
                 tags = tuple(sorted(
-                    (k, str(v)) for k, v in zip(self.tag_keys, tag_values, strict=True)
-                    if v is not None))
+                    (k, self._tag_text(str(v)))
+                    for k, v in zip(self.tag_keys, tag_values, strict=True) if v is not None))
                 values = np.frombuffer(series.values, dtype=np.float64)
                 count, total = len(values), math.fsum(series.values)
                 lo, hi = float(values.min()), float(values.max())
@@ -523,6 +600,13 @@ class LineAggregator:
                     metric, kind, tags, bucket, width, total, count,
                     int(np.count_nonzero(values)), lo, hi, last_ns, last_value))
         return trends, counters
+
+    def _tag_text(self, value: str) -> str:
+        """The tag value as the servers store it: a long URL is shortened, never refused."""
+        if len(value) <= self.limits.max_tag_length:
+            return value
+        self.tags_shortened += 1
+        return shorten(value, self.limits.max_tag_length)
 
     def close_ready(self, local_grace: float) -> tuple[list[TrendPartial], list[CounterPartial]]:
         """Close buckets that event time has passed by more than the local grace."""

@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import ssl
 import sys
 import tempfile
 import traceback
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,6 +63,11 @@ class _ProtocolViolation(Exception):
     """The peer sent something a server does not send; the connection is dropped."""
 
 
+class _RetryLater(Exception):
+    """The server could not take frames now (its log cannot be written, it is busy);
+    nothing was refused: reconnect and resend."""
+
+
 def default_spool_path(spool_dir: str | Path | None, producer: str, role: str) -> Path:
     """SPOOL_DIR/k6-forward-PRODUCER/ROLE.spool; SPOOL_DIR defaults to the temp dir."""
     base = Path(spool_dir) if spool_dir is not None else Path(tempfile.gettempdir())
@@ -73,8 +79,11 @@ class ServerLink:
                  role: str, max_memory_bytes: int, report: IO[str] | None = None, *,
                  spool_dir: str | Path | None = None,
                  max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
-                 tls: ssl.SSLContext | None = None, token: str | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, token: str | None = None,
+                 input_id: str | None = None, append: bool = False) -> None:
         self.name = name
+        self.input_id = input_id
+        self.append = append
         self.tls = tls
         self.token = token
         self.address = address
@@ -92,7 +101,13 @@ class ServerLink:
         self.frames_sent = 0
         self.frames_spooled = 0
         self.refused: list[str] = []
+        # Samples the server refused, by reason: items refused alone, and whole frames.
+        self.refused_samples: Counter[str] = Counter()
+        self.refused_items: Counter[str] = Counter()
         self.fatal: str | None = None
+        # Secret proof that this forwarder owns its producer id (never printed).
+        self.producer_key = secrets.token_hex(16)
+        self._tls_probed = False
         self._sent_seq = 0  # highest seq written on the current connection
         self._writer: asyncio.StreamWriter | None = None
         self._changed = asyncio.Event()  # acks, refusals, fatal: room may have been freed
@@ -263,12 +278,17 @@ class ServerLink:
         self.spool.discard_through(seq)
         self._room_freed()
 
-    def _on_refused(self, seq: int) -> None:
+    def _on_refused(self, seq: int, reason: str) -> None:
         frame = self.memory.pop(seq, None)
         if frame is not None:
             self.memory_bytes -= len(frame)
-        else:
+        elif seq in self.spool:
+            frame = self.spool.read(seq)
             self.spool.discard(seq)
+        if frame is not None:
+            items = protocol.unpack(frame[4:]).get("items") or []
+            self.refused_items[reason] += len(items)
+            self.refused_samples[reason] += sum(map(protocol.claimed_samples, items))
         self._room_freed()
 
     def _room_freed(self) -> None:
@@ -315,6 +335,8 @@ class ServerLink:
                     self._down_since = now
                 if isinstance(exc, ssl.SSLError):
                     reason = f"TLS: {exc.reason or exc}"
+                    if exc.reason == "WRONG_VERSION_NUMBER":
+                        reason += "; the server does not speak TLS: drop --tls-ca"
                 else:
                     reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 if failures == 1:
@@ -342,9 +364,11 @@ class ServerLink:
                 self._fail(f"frames are lost: {exc}")
                 return
             except (OSError, asyncio.IncompleteReadError, protocol.FramingError,
-                    protocol.Refused, _ProtocolViolation) as exc:
+                    protocol.Refused, _ProtocolViolation, _RetryLater) as exc:
                 reason = (os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
                           else str(exc) or type(exc).__name__)
+                if isinstance(exc, _RetryLater):
+                    reason = f"the server asks to retry later: {exc}"
                 now = loop.time()
                 welcomed = self._writer is not None
                 if welcomed:
@@ -357,8 +381,9 @@ class ServerLink:
                     if self._down_since is None:
                         self._down_since = now
                     if failures == 1:
+                        hint = await self._tls_hint()
                         self.say(f"connection closed before the welcome ({reason}); "
-                                 f"retrying with backoff up to {BACKOFF_MAX:.0f}s")
+                                 f"{hint}retrying with backoff up to {BACKOFF_MAX:.0f}s")
                         last_report = now
             except Exception as exc:  # a bug: fail loudly rather than hang in wait_acked
                 traceback.print_exc(file=self.report)
@@ -378,6 +403,23 @@ class ServerLink:
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
+    async def _tls_hint(self) -> str:
+        """When a plaintext hello was met by silence, find out once whether the server
+        speaks TLS, and if so say which option is missing."""
+        if self.tls is not None or self._tls_probed:
+            return ""
+        self._tls_probed = True
+        probe = ssl.create_default_context()
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE  # only asks "is this TLS?"; nothing is sent
+        try:
+            async with asyncio.timeout(5):
+                _, writer = await asyncio.open_connection(*self.address, ssl=probe)
+        except (OSError, TimeoutError):
+            return ""
+        writer.transport.abort()
+        return "the server speaks TLS: pass --tls-ca (and --tls-cert/--tls-key if it asks); "
+
     def _fail(self, text: str) -> None:
         self.fatal = text
         self.say(text)
@@ -387,7 +429,8 @@ class ServerLink:
                        writer: asyncio.StreamWriter) -> None:
         """One connection; it ends only by an exception. ``self._writer`` is set once the
         server has welcomed this forwarder."""
-        writer.write(protocol.hello(self.producer, self.run_id, self.role, self.token))
+        writer.write(protocol.hello(self.producer, self.run_id, self.role, self.token,
+                                    self.producer_key, self.input_id, self.append))
         await writer.drain()
         decoder = protocol.FrameDecoder()
         pending: list[dict[str, Any]] = []
@@ -437,7 +480,12 @@ class ServerLink:
                 reason, detail = message.get("reason"), message.get("detail")
                 if message.get("fatal"):
                     raise LinkRefused(f"{reason}: {detail}")
-                self._refusal(message.get("seq"), str(reason), str(detail))
+                if message.get("retry"):
+                    raise _RetryLater(f"{reason}: {detail}")
+                if isinstance(message.get("items"), list):
+                    self._items_refused(message.get("seq"), message["items"])
+                else:
+                    self._refusal(message.get("seq"), str(reason), str(detail))
             else:
                 raise _ProtocolViolation(f"unexpected {kind!r} frame from the server")
 
@@ -448,7 +496,22 @@ class ServerLink:
             self.say(f"server refused frame {seq} ({reason}: {detail}); the server drops it; "
                      "further refusals for this reason are counted, not printed")
         if isinstance(seq, int):
-            self._on_refused(seq)
+            self._on_refused(seq, reason)
+
+    def _items_refused(self, seq: object, refusals: list[Any]) -> None:
+        """Some items of frame ``seq`` were refused; the rest is kept (and acked)."""
+        for entry in refusals:
+            if not (isinstance(entry, list) and len(entry) == 4):
+                raise _ProtocolViolation(f"item refusal {entry!r}")
+            reason, items, samples, detail = entry
+            reason = str(reason)
+            self.refused_items[reason] += items if isinstance(items, int) else 0
+            self.refused_samples[reason] += samples if isinstance(samples, int) else 0
+            if reason not in self._refused_reasons:
+                self._refused_reasons.add(reason)
+                self.say(f"server refused {items} items ({samples} samples) of frame {seq}: "
+                         f"{reason}: {detail}; the rest of the frame is stored; further "
+                         "refusals for this reason are counted, not printed")
 
     def _next_frame(self) -> tuple[int, bytes] | None:
         """The first unacknowledged frame above the last one sent on this connection."""

@@ -311,7 +311,7 @@ def test_bad_lines_are_counted_reported_and_skipped() -> None:
 def test_report_is_capped() -> None:
     report = io.StringIO()
     agg = LineAggregator((), 10, report=report, max_reports=3)
-    agg.feed([b"x"] * 7)
+    agg.feed([b'{"value":x}'] * 7)
     text = report.getvalue().splitlines()
     assert [int(m.group(1)) for line in text if (m := _REPORTED.search(line))] == [1, 2, 3]
     assert len(text) == 4  # three reports and one notice that more are only counted

@@ -1,0 +1,70 @@
+"""End to end with values real k6 scripts produce: long URLs as k6's default `name`
+tag, and a NUL in a tag. The real k6 binary -> k6-forward -> both servers -> PostgreSQL.
+
+Every other sample must be stored exactly; the NUL samples are counted as lost, named
+with their cause, and the forwarder's exit status says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.processes import http_target, k6_pipeline, server_process
+from tests.rawstream import group, load_points
+from tests.utils import fetch
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+
+def stored_name(value: str) -> str:
+    """The documented rule (docs/PROTOCOL.md), written out here independently."""
+    if len(value) <= 256:
+        return value
+    return value[:239] + "~" + hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
+
+
+async def test_long_urls_and_nul_tags_cost_only_themselves(dsn: str, tmp_path: Path) -> None:
+    async with (
+        http_target() as base,
+        server_process("td_server", dsn, tmp_path, "--grace", "1") as td,
+        server_process("non_td_server", dsn, tmp_path, "--grace", "1") as non_td,
+    ):
+        raw = tmp_path / "raw.json"
+        code, err = await k6_pipeline(base, raw, td.address, non_td.address, "hostile", "8s",
+                                      script="hostile.js")
+        assert await td.stop() == 0
+        assert await non_td.stop() == 0
+    kinds, points = load_points(raw)
+    nul = [p for p in points if any("\x00" in v for _, v in p["tags"])]
+    good = [p for p in points if p not in nul]
+    long_names = {v for p in good for k, v in p["tags"] if k == "name" and len(v) > 256}
+    assert nul
+    assert len(long_names) == 3  # three distinct long URLs
+    # Lost samples change the exit status and are named with their cause.
+    assert code == 3, err
+    summary = err.strip().splitlines()[-2]
+    assert f"{len(points)} samples read" not in summary  # the NUL samples were not taken
+    assert re.search(rf"{len(good)} stored, 0 refused by the servers; {len(nul)} lines lost "
+                     rf"\(bad_character={len(nul)}\)", summary), summary
+    assert "tag values longer than 256 characters shortened" in summary
+    assert "k6-forward: error: not every sample read was stored" in err
+
+    expected = group({"raw": [
+        {**p, "tags": tuple((k, stored_name(v)) for k, v in p["tags"])} for p in good]})
+    trend_rows = await fetch(dsn, "SELECT metric, tags::text AS tags, "
+                                  "extract(epoch from bucket)::bigint AS b, count "
+                                  "FROM trend_buckets WHERE run_id = 'hostile'")
+    counter_rows = await fetch(dsn, "SELECT metric, tags::text AS tags, "
+                                    "extract(epoch from bucket)::bigint AS b, count "
+                                    "FROM counter_buckets WHERE run_id = 'hostile'")
+    stored = {(r["metric"], tuple(sorted(json.loads(r["tags"]).items())), r["b"]): r["count"]
+              for r in [*trend_rows, *counter_rows]}
+    assert stored == {key: len(by["raw"]) for key, by in expected.items()}
+    assert {kinds[key[0]] for key in stored} >= {"trend", "counter", "rate"}
+    assert {stored_name(n) for n in long_names} <= {
+        v for (_, tags, _) in stored for k, v in tags if k == "name"}
