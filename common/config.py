@@ -164,6 +164,11 @@ class ServerConfig:
     max_bucket_ahead: float = _field(
         3600.0, _non_negative_float,
         "newest bucket accepted, in seconds after now (clock skew)", "SECONDS")
+    max_queued_buckets: int = _field(
+        10_000, _positive_int,
+        "closed buckets held in memory while the database is away; older ones are "
+        "dropped from memory and rebuilt from the write-ahead log (which holds them) "
+        "once it is back", "INT")
     max_connections: int = _field(
         4096, _positive_int,
         "forwarder connections served at once; more are closed at once with a log line "

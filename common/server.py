@@ -56,6 +56,7 @@ class Stats:
     flush_loop_errors: int = 0
     quarantined_buckets: int = 0
     quarantined_samples: int = 0
+    spilled_buckets: int = 0
     refused: Counter[str] = field(default_factory=Counter)  # whole frames, by reason
     refused_items: Counter[str] = field(default_factory=Counter)
     refused_samples: Counter[str] = field(default_factory=Counter)
@@ -330,12 +331,16 @@ class AggregatorServer:
         self.flush_error: str | None = None
         self._caps_said: dict[str, float] = {}
         self.unwritten_at_exit = 0
+        self.stuck = 0  # refused rows that could not be quarantined either
         self.group_commit = GroupCommit(self.wal)
         self.tls = tls_context(config)
         self.token = read_token(config)
         self.metrics: MetricsEndpoint | None = None
         self.open: OpenBuckets[Any, Any] = OpenBuckets(aggregator, config.bucket_seconds)
         self.closing: dict[BucketKey, Entry[Any]] = {}
+        # Closed buckets dropped from memory while the database was away: the log span
+        # (first segment, last position) to rebuild each from once it is back.
+        self.spilled: dict[BucketKey, tuple[int, int]] = {}
         self.series: dict[str, set[tuple[str, Any]]] = {}
         self.series_seen: dict[str, float] = {}
         self.stats = Stats()
@@ -575,7 +580,10 @@ class AggregatorServer:
             ("tdagg_open_series", gauge, "distinct series in open buckets",
              [(label, len({k[:3] for k in self.open.entries}))]),
             ("tdagg_queue_buckets", gauge, "closed buckets waiting for the database",
-             [(label, len(self.closing))]),
+             [(label, len(self.closing) + len(self.spilled))]),
+            ("tdagg_queue_buckets_in_log_only", gauge,
+             "closed buckets dropped from memory, to be rebuilt from the log",
+             [(label, len(self.spilled))]),
             ("tdagg_buckets_written_total", counter, "bucket rows written",
              [(label, s.buckets_written)]),
             ("tdagg_late_rows_total", counter, "written rows that late data was merged into",
@@ -707,7 +715,8 @@ class AggregatorServer:
                 absorb_entry(self.aggregator, pending, entry)
 
     async def flush_closing(self) -> bool:
-        """Write every closing bucket in one batch; evict only after the commit.
+        """Write every closing bucket in one batch; evict only after the commit. False
+        when the database could not be written (retry later).
 
         A batch that fails in a way retrying cannot mend is split until the entries
         that fail alone are found; those are quarantined and the rest is written.
@@ -729,17 +738,64 @@ class AggregatorServer:
             # Put the batch back in front of anything closed meanwhile.
             newer, self.closing = self.closing, batch
             self._swap_out(newer)
+            self._spill_excess()
             return False
         self.write_error = None
-        for key in failed.keys() - quarantined:  # the quarantine file could not be written
+        stuck = failed.keys() - quarantined  # the quarantine file could not be written
+        for key in stuck:
             self.closing[key] = batch[key]
+        self.stuck = len(stuck)
         self.stats.write_seconds.observe(time.perf_counter() - started)
         self.stats.buckets_written += len(batch) - len(failed)
         if late:
             self.stats.late_rows += late
             log.warning("late data: merged into %d already written bucket rows", late)
+        if self.spilled and len(self.closing) < self.config.max_queued_buckets:
+            await self._restore_spilled()
         self._release_log()
-        return not self.closing
+        return True
+
+    def _spill_excess(self) -> None:
+        """Keep at most max_queued_buckets closed buckets in memory while writes fail;
+        the oldest are dropped, and the log (which holds them) rebuilds them later."""
+        excess = len(self.closing) - self.config.max_queued_buckets
+        if excess <= 0:
+            return
+        for key in sorted(self.closing, key=lambda k: k[3])[:excess]:
+            entry = self.closing.pop(key)
+            first, last = self.spilled.get(key, (entry.first_segment, entry.last_position))
+            self.spilled[key] = (min(first, entry.first_segment),
+                                 max(last, entry.last_position))
+        self.stats.spilled_buckets += excess
+        self.note_cap("max_queued_buckets",
+                      f"{len(self.spilled)} closed buckets wait in the write-ahead log only, "
+                      "to be rebuilt from it once the database is back")
+
+    async def _restore_spilled(self) -> None:
+        """Rebuild the oldest spilled buckets from the log, as a replay does: an item
+        counts if the stored row does not hold its position yet and it belongs to the
+        spilled span (later data for the key is queued apart)."""
+        assert self._sink is not None
+        room = self.config.max_queued_buckets - len(self.closing)
+        keys = sorted(self.spilled, key=lambda k: k[3])[:room]
+        stored = await self._sink.stored_positions(keys)
+        spans = {key: self.spilled[key] for key in keys}
+        rebuilt: OpenBuckets[Any, Any] = OpenBuckets(self.aggregator,
+                                                      self.config.bucket_seconds)
+        agg = self.aggregator
+        for record in self.wal.records_from(min(first for first, _ in spans.values())):
+            for item in protocol.unpack(record.body).get("items") or []:
+                partial = agg.parse_item(item, self.limits)
+                key = agg.key_of(record.run_id, partial)
+                span = spans.get(key)
+                if span is not None and stored.get(key, -1) < record.position <= span[1]:
+                    rebuilt.merge(record.run_id, record.producer, partial, record.position,
+                                  segment_of(record.position))
+        for key in keys:
+            del self.spilled[key]
+        self._swap_out(rebuilt.take_all())
+        log.info("rebuilt %d closed buckets from the write-ahead log; %d still wait there",
+                 len(keys), len(self.spilled))
 
     def _quarantine(self, batch: dict[BucketKey, Entry[Any]],
                     failed: dict[BucketKey, BaseException]) -> set[BucketKey]:
@@ -788,6 +844,7 @@ class AggregatorServer:
         self.wal.rotate_if_due(self.config.bucket_seconds)
         pending = [e.first_segment for e in self.open.entries.values()]
         pending += [e.first_segment for e in self.closing.values()]
+        pending += [first for first, _ in self.spilled.values()]
         self.wal.release_before(min(pending, default=self.wal.segment))
 
     async def shutdown(self) -> None:
@@ -812,13 +869,15 @@ class AggregatorServer:
         #    full disk) stay in the log, which replays them at the next start.
         self._swap_out(self.open.take_all())
         delay = 0.2
-        while not await self._flush_for_shutdown():
-            if self.write_error is None:
-                self.unwritten_at_exit = len(self.closing)
-                log.error("%d bucket rows are neither stored nor quarantined; they stay in "
-                          "the write-ahead log %s and are replayed at the next start",
-                          len(self.closing), self.wal.directory)
-                break
+        while self.closing or self.spilled:
+            if await self._flush_for_shutdown():
+                if not self.spilled and len(self.closing) == self.stuck:
+                    self.unwritten_at_exit = self.stuck
+                    log.error("%d bucket rows are neither stored nor quarantined; they stay "
+                              "in the write-ahead log %s and are replayed at the next start",
+                              self.stuck, self.wal.directory)
+                    break
+                continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         # 4. Close the log (everything in it is now in the database) and the pool.

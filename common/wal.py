@@ -728,6 +728,13 @@ class WriteAheadLog:
         self._durable = self._position(size)
         self._opened_at = time.monotonic()
 
+    def records_from(self, segment: int) -> list[Record]:
+        """The records on disk in segments numbered ``segment`` and above (records still
+        buffered by ``append`` are not there yet)."""
+        return [record for number in segment_numbers(self.directory) if number >= segment
+                for record in scan_segment(segment_path(self.directory, number).read_bytes(),
+                                           number).records]
+
     def bind(self, producer: str, key_digest: bytes) -> bool:
         """Bind ``producer`` to ``key_digest`` on first sight; False if it is bound to
         another digest (see the module docstring for the rule)."""

@@ -83,7 +83,8 @@ _FIELDS = 6
 _FRAGMENT_LINES = 1000
 # Text that can only come from a k6 JSON line; a line without it that is not JSON is
 # k6's own text (banner, progress, summary) and harmless.
-_JSON_DEBRIS = re.compile(rb'^\s*\{|"(?:metric|type|data|time|value|tags)":|\}\}\s*$')
+# (k6's summary writes sub-metrics indented, as `{ scenario:browse }`, without quotes.)
+_JSON_DEBRIS = re.compile(rb'^\{|^\s*\{"|"(?:metric|type|data|time|value|tags)":|\}\}\s*$')
 _HEAD = b'{"metric":"'
 _TIME = b'","type":"Point","data":{"time":"'
 _VALUE = b'","value":'
@@ -489,7 +490,7 @@ class LineAggregator:
             self._fragment = None
             self.skip(lineno, "cut_line",
                       "a JSON line cut by k6's progress output was never completed; run "
-                      "k6 with -q, or as: k6-forward [options] -- k6 run SCRIPT")
+                      "k6 with -q (--quiet) so that it writes no progress into the pipe")
 
     def _take(self, obj: Any, where: Callable[[], int]) -> int:
         if obj["type"] == "Point":

@@ -87,10 +87,13 @@ async def http_target() -> AsyncIterator[str]:
 
 async def k6_pipeline(base: str, raw_path: Path, td: tuple[str, int], non_td: tuple[str, int],
                       run_id: str, duration: str, *k6_args: str,
-                      script: str = "load.js") -> tuple[int, str]:
-    """k6 run --out json=- | tee raw | k6-forward; returns (exit code, forwarder stderr)."""
+                      script: str = "load.js", quiet: bool = True) -> tuple[int, str]:
+    """k6 run --out json=- | tee raw | k6-forward; returns (exit code, forwarder stderr).
+
+    Without ``quiet``, k6 writes its banner, progress and summary into the same pipe."""
     env = dict(os.environ, BASE=base, DUR=duration)
-    k6 = f"{k6_binary()} run --quiet {' '.join(k6_args)} --out json=- {FIXTURES / script}"
+    k6 = (f"{k6_binary()} run {'--quiet ' if quiet else ''}{' '.join(k6_args)} "
+          f"--out json=- {FIXTURES / script}")
     forward = (f"{sys.executable} -m k6_forward --run-id {run_id} "
                f"--td {td[0]}:{td[1]} --non-td {non_td[0]}:{non_td[1]}")
     command = f"set -o pipefail; {k6} 2>/dev/null | tee {raw_path} | {forward}"

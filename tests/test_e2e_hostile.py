@@ -68,3 +68,43 @@ async def test_long_urls_and_nul_tags_cost_only_themselves(dsn: str, tmp_path: P
     assert {kinds[key[0]] for key in stored} >= {"trend", "counter", "rate"}
     assert {stored_name(n) for n in long_names} <= {
         v for (_, tags, _) in stored for k, v in tags if k == "name"}
+
+
+async def test_the_readme_pipe_without_quiet_loses_nothing(dsn: str, tmp_path: Path) -> None:
+    """`k6 run --out json=- script.js | k6-forward`: k6's banner, progress blocks (which
+    can land inside a JSON line) and summary share the pipe with the samples."""
+    summary_path = tmp_path / "summary.json"
+    async with (
+        http_target() as base,
+        server_process("td_server", dsn, tmp_path, "--grace", "1") as td,
+        server_process("non_td_server", dsn, tmp_path, "--grace", "1") as non_td,
+    ):
+        raw = tmp_path / "raw.txt"
+        code, err = await k6_pipeline(base, raw, td.address, non_td.address, "noisy", "12s",
+                                      "--summary-export", str(summary_path), quiet=False)
+        assert await td.stop() == 0
+        assert await non_td.stop() == 0
+    text = raw.read_text()
+    assert text.count("running (") >= 10  # k6 really wrote its progress into the pipe
+    assert code == 0, err
+    summary = err.strip().splitlines()[-1]
+    read = int(re.search(r"(\d+) samples read", summary).group(1))  # type: ignore[union-attr]
+    assert f"{read} samples read, {read} stored, 0 refused by the servers; 0 lines lost" \
+        in summary, summary
+    k6 = json.loads(summary_path.read_text())["metrics"]
+    rows = await fetch(dsn, "SELECT metric, sum(value) AS total, sum(count) AS n, "
+                            "sum(nonzero) AS nonzero FROM counter_buckets "
+                            "WHERE run_id = 'noisy' GROUP BY metric")
+    counters = {r["metric"]: r for r in rows}
+    trends = {r["metric"]: r["n"] for r in await fetch(
+        dsn, "SELECT metric, sum(count) AS n FROM trend_buckets WHERE run_id = 'noisy' "
+             "GROUP BY metric")}
+    assert counters["http_reqs"]["total"] == k6["http_reqs"]["count"]
+    assert counters["iterations"]["total"] == k6["iterations"]["count"]
+    assert counters["data_received"]["total"] == k6["data_received"]["count"]
+    assert counters["checks"]["nonzero"] == k6["checks"]["passes"]
+    assert counters["checks"]["n"] == k6["checks"]["passes"] + k6["checks"]["fails"]
+    assert counters["http_req_failed"]["nonzero"] == k6["http_req_failed"]["passes"]
+    # One duration sample per request and per iteration: none lost to a cut line.
+    assert trends["http_req_duration"] == k6["http_reqs"]["count"]
+    assert trends["iteration_duration"] == k6["iterations"]["count"]

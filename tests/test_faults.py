@@ -176,6 +176,47 @@ async def test_postgres_outage_loses_nothing(own_postgres: Any, tmp_path: Path) 
     assert figures["duplicates"] == 0
 
 
+async def test_a_long_outage_keeps_queued_buckets_in_the_log_not_memory(
+        own_postgres: Any, tmp_path: Path) -> None:
+    """With room for 8 closed buckets in memory, the rest of an outage's queue waits in
+    the write-ahead log only, and is rebuilt from it, exactly, once PostgreSQL is back."""
+    dsn = str(own_postgres.get_uri())
+    socket_dir = dsn.split("host=", 1)[1]
+    cap = 8
+    async with (
+        run_server(dsn, tmp_path, protocol.ROLE_TD, grace=0.5, bucket_seconds=1,
+                   max_queued_buckets=cap) as td,
+        run_server(dsn, tmp_path, protocol.ROLE_NON_TD, grace=0.5, bucket_seconds=1,
+                   max_queued_buckets=cap) as non_td,
+    ):
+        in_memory: list[int] = []
+
+        async def outage() -> None:
+            await asyncio.sleep(2)
+            await asyncio.to_thread(_pg_ctl, own_postgres, "-w", "-m", "fast", "stop")
+            for _ in range(70):  # 7 s
+                in_memory.append(max(len(td.closing), len(non_td.closing)))
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(
+                _pg_ctl, own_postgres, "-w", "-o", '-h ""', "-o", f"-k {socket_dir}",
+                "-l", str(own_postgres.pgdata / "log"), "start")
+
+        raw = tmp_path / "raw.json"
+        await run_forwarder(td.address, non_td.address, "spill", raw, 12, 250, outage,
+                            *FORWARD_ONE_SECOND)
+        assert td.stats.spilled_buckets > 0
+        assert non_td.stats.spilled_buckets > 0
+        deadline = time.monotonic() + 60
+        while td.closing or non_td.closing or td.spilled or non_td.spilled:
+            assert time.monotonic() < deadline, "queued buckets were never written"
+            await asyncio.sleep(0.05)
+    # Between flushes a bucket or two may close on top of the cap; never the outage's all.
+    assert max(in_memory) <= cap + 12
+    figures = await verify(dsn, raw, "spill", width=1)
+    assert figures["samples_stored"] == figures["samples_sent"]
+    assert figures["duplicates"] == 0
+
+
 async def test_cut_connections_lose_and_double_nothing(dsn: str, tmp_path: Path) -> None:
     async with (
         run_server(dsn, tmp_path, protocol.ROLE_TD, grace=1, bucket_seconds=1) as td,

@@ -412,3 +412,45 @@ def test_close_ready_never_closes_too_early(width: int, grace: float) -> None:
             assert event_time - (bucket + width) <= grace + 1, (bucket, event_time)
     assert sent
     assert all(b % width == 0 for b in sent)
+
+
+K6_TEXT = [
+    b"",
+    b"         /\\      Grafana   /\xe2\x80\xbe\xe2\x80\xbe/  ",
+    b"     execution: local",
+    b"running (10.0s), 4/8 VUs, 4033 complete and 0 interrupted iterations",
+    b"browse     [  83% ] 4 VUs    10.0s/12s ",
+    b"    http_req_duration{scenario:browse}",
+    b"      { expected_response:true }......: avg=22.02ms    min=195.07\xc2\xb5s",
+    b"     \xe2\x9c\x93 status is \"200\"",
+]
+
+
+def test_k6_text_is_harmless_and_cut_lines_are_rejoined() -> None:
+    """k6 without -q writes its banner, progress and summary into the JSON pipe, and a
+    progress block can land inside a JSON line (seen with k6 v1.1.0)."""
+    whole = point(DURATION, ts(1), 7.25, {"name": "a", "group": ""})
+    cut = whole.index(b'"group":"') + len(b'"group":"')
+    lines = [metric(DURATION, "trend"), *K6_TEXT, whole[:cut], *K6_TEXT[3:5], whole[cut:],
+             point(DURATION, ts(2), 1.5, {"name": "a"})]
+    report = io.StringIO()
+    agg = LineAggregator(("name",), 10, report=report)
+    agg.feed(lines)
+    agg.finish()
+    assert report.getvalue() == ""
+    assert agg.skipped == {}
+    assert (agg.samples, agg.rejoined, agg.text_lines) == (2, 1, len(K6_TEXT) + 2)
+    (trend,), _ = agg.close_all()
+    assert_trend(trend, [7.25, 1.5], 10)
+
+
+def test_a_cut_line_whose_rest_never_comes_is_lost_and_said() -> None:
+    whole = point(DURATION, ts(1), 7.25, {"name": "a"})
+    report = io.StringIO()
+    agg = LineAggregator(("name",), 10, report=report)
+    agg.feed([metric(DURATION, "trend"), whole[:40], *K6_TEXT, whole[:50]])
+    agg.finish()
+    assert agg.skipped == {"cut_line": 2}
+    assert reported(report) == {2: "cut_line", 2 + len(K6_TEXT) + 1: "cut_line"}
+    assert "run k6 with -q" in report.getvalue()
+    assert agg.samples == 0
