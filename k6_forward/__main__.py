@@ -1,5 +1,6 @@
 """k6-forward: read k6 ``--out json`` lines, aggregate per (series, bucket), send partials.
 
+    k6-forward --run-id checkout-test -- k6 run script.js
     k6 run --out json=- script.js | k6-forward --run-id checkout-test
 """
 
@@ -10,6 +11,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import signal
 import ssl
 import stat
 import sys
@@ -21,6 +23,7 @@ from typing import IO, Any
 from common import protocol
 from common.cli import run_loop
 from common.config import ConfigError, ForwarderConfig, load
+from k6_forward.child import FORWARDED_SIGNALS, ChildError, K6Child
 from k6_forward.lines import LineAggregator
 from k6_forward.link import LinkRefused, ServerLink
 
@@ -30,6 +33,15 @@ FINGERPRINT_BYTES = 64 * 1024
 # lines that were not samples of k6's JSON, or samples the servers refused.
 EXIT_INCOMPLETE = 3
 IDLE_FLUSH_SECONDS = 2.0
+
+DESCRIPTION = """\
+Forward k6's metrics to td-server and non-td-server.
+
+Run k6 under it (first form): k6 writes its JSON output into a pipe of the forwarder's
+own, and its banner, progress and summary reach the terminal unchanged. Ctrl-C and
+SIGTERM go to k6, which ends the test as it does alone (teardown, summary); the forwarder
+then sends everything, waits for the servers' acknowledgements and exits with k6's exit
+status (or 3, below). Or read k6 JSON from files or a pipe (second form)."""
 
 EPILOG = """\
 Trend metrics go to td-server as t-digest partials; counters, gauges and rates go to
@@ -50,7 +62,8 @@ progress, summary) is harmless and only counted; a JSON line that k6's progress 
 cut in two is put back together. Tag values longer than 256 characters (long URLs in
 k6's name tag) are shortened to 239 characters, "~" and 16 hex digits of their hash.
 
-exit status:
+exit status (under the first form, a non-zero status of k6 comes first: 99 for failed
+thresholds, 107 for a script error, ...):
   0    every sample read was stored
   1    an error stopped it (input unreadable, a server refused this forwarder)
   2    bad configuration
@@ -74,7 +87,10 @@ def _enlarge_pipe(fd: int) -> None:
         pass
 
 
-def _open(path: str) -> IO[bytes]:
+def _open(path: str | int) -> IO[bytes]:
+    if isinstance(path, int):  # a pipe from a k6 started by this forwarder
+        _enlarge_pipe(path)
+        return open(path, "rb")  # noqa: SIM115 - closed by the caller
     if path == "-":
         with contextlib.suppress(AttributeError, OSError, ValueError):
             _enlarge_pipe(sys.stdin.fileno())
@@ -84,7 +100,7 @@ def _open(path: str) -> IO[bytes]:
     return open(path, "rb")  # noqa: SIM115 - closed by the caller
 
 
-async def read_chunks(paths: Sequence[str]) -> AsyncIterator[bytes | None]:
+async def read_chunks(paths: Sequence[str | int]) -> AsyncIterator[bytes | None]:
     """Yield input chunks; yield None when no input arrived for IDLE_FLUSH_SECONDS."""
     loop = asyncio.get_running_loop()
     for path in paths or ["-"]:
@@ -153,10 +169,22 @@ def client_security(config: ForwarderConfig) -> tuple[ssl.SSLContext | None, str
     return tls, token
 
 
+def check_tag_keys(keys: tuple[str, ...], limits: protocol.Limits) -> None:
+    """The servers would refuse every sample for tag keys past their limits: say so now."""
+    if len(keys) > limits.max_tags:
+        raise ConfigError(f"tags: {len(keys)} keys, the servers accept {limits.max_tags}")
+    for key in keys:
+        problem = protocol.text_problem(key)
+        if problem or len(key) > limits.max_tag_length:
+            raise ConfigError(f"tags: key {key[:40]!r} "
+                              f"{problem or f'is longer than {limits.max_tag_length} chars'}")
+
+
 class Forwarder:
     def __init__(self, config: ForwarderConfig, run_id: str, producer: str) -> None:
         self.config = config
         tag_keys = tuple(k.strip() for k in config.tags.split(",") if k.strip())
+        check_tag_keys(tag_keys, protocol.Limits())
         self.lines = LineAggregator(tag_keys, config.bucket_seconds)
         tls, token = client_security(config)
         self.td = ServerLink("td-server", config.td, producer, run_id, protocol.ROLE_TD,
@@ -178,7 +206,7 @@ class Forwarder:
             await self.non_td.send_items([protocol.counter_item(p) for p in counters])
         self.items_sent += len(trends) + len(counters)
 
-    async def run(self, paths: Sequence[str]) -> None:
+    async def run(self, paths: Sequence[str | int]) -> None:
         chunks = read_chunks(paths)
         # The servers learn what this input is before its first frame, so that they can
         # refuse a run fed the same input twice; idle input starts the links regardless.
@@ -253,11 +281,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     def extra(parser: Any) -> None:
         parser.add_argument("inputs", nargs="*", metavar="FILE",
                             help="k6 JSON files (.gz accepted); default: standard input")
+        parser.usage = ("%(prog)s [options] -- k6 run [k6 options] SCRIPT\n"
+                        "       %(prog)s [options] [FILE ...]")
         parser.epilog = EPILOG
 
-    config, args = load(ForwarderConfig, "k6-forward",
-                        "Forward a k6 --out json stream to td-server and non-td-server.",
-                        argv, extra=extra)
+    own, k6_command = split_command(list(sys.argv[1:] if argv is None else argv))
+    config, args = load(ForwarderConfig, "k6-forward", DESCRIPTION, own, extra=extra)
+    if k6_command and args.inputs:
+        print("k6-forward: error: give either FILEs or -- k6 run ..., not both",
+              file=sys.stderr)
+        return 2
     run_id = config.run_id or f"run-{uuid.uuid4().hex[:12]}"
     problem = protocol.text_problem(run_id)
     if problem or len(run_id) > protocol.Limits.max_name_length:
@@ -273,20 +306,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"k6-forward: error: {exc}", file=sys.stderr)
         return 2
+    child = K6Child(k6_command) if k6_command else None
 
     async def go() -> int:
+        inputs: list[str | int] = list(args.inputs)
+        if child is not None:
+            try:
+                inputs = [await child.start()]
+            except (ChildError, OSError) as exc:
+                print(f"k6-forward: error: {exc}", file=sys.stderr)
+                return 2
+            loop = asyncio.get_running_loop()
+            for sig in FORWARDED_SIGNALS:
+                loop.add_signal_handler(sig, child.pass_signal, sig)
         try:
-            await forwarder.run(args.inputs)
+            await forwarder.run(inputs)
         except LinkRefused as exc:
             print(f"k6-forward: error: {exc}", file=sys.stderr)
-            return 1
+            return await stop_child(child, 1)
         except OSError as exc:
             print(f"k6-forward: error: cannot read input: {exc}", file=sys.stderr)
-            return 1
+            return await stop_child(child, 1)
         finally:
             await forwarder.td.close()
             await forwarder.non_td.close()
+        k6_status = await child.wait() if child is not None else 0
         print(forwarder.summary(), file=sys.stderr, flush=True)
+        if k6_status:  # k6's own verdict (99: thresholds, 107: script error...) comes first
+            return k6_status
         if not forwarder.complete:
             print("k6-forward: error: not every sample read was stored (see the counts "
                   "above and the lines reported before them)", file=sys.stderr, flush=True)
@@ -294,6 +341,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return run_loop(go())
+
+
+def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the forwarder's own arguments, the k6 command after the first --)."""
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+async def stop_child(child: K6Child | None, status: int) -> int:
+    """The forwarder cannot go on: stop k6 the way it stops itself, then exit."""
+    if child is not None:
+        child.pass_signal(signal.SIGTERM)
+        await child.wait()
+    return status
 
 
 if __name__ == "__main__":

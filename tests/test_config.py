@@ -40,7 +40,8 @@ SERVER_SETTINGS = {
     "listen", "dsn", "data_dir", "bucket_seconds", "grace", "flush_interval", "state_dir",
     "wal_fsync", "max_frame_bytes", "max_items_per_frame", "max_name_length", "max_tags",
     "max_tag_length", "max_series_per_run", "max_bucket_age", "max_bucket_ahead",
-    "max_connections", "max_buffered_bytes", "hello_timeout", "idle_timeout",
+    "max_queued_buckets", "max_connections", "max_buffered_bytes", "hello_timeout",
+    "idle_timeout",
     "metrics_listen", "tls_cert", "tls_key", "tls_client_ca", "token_file"}
 
 

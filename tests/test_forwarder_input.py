@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from common import protocol
 from tests.faults import k6_time, metric_lines, point_line
@@ -109,3 +111,17 @@ async def test_bad_stdin_lines_are_reported_and_good_ones_all_stored(dsn: str,
     assert trend["total"] == sum(float(i % 50) + 0.5 for i in range(300))
     assert trend["lo"] == 0.5
     assert vus == 300
+
+
+@pytest.mark.parametrize(("tags", "message"), [
+    (",".join(f"k{i}" for i in range(33)), "33 keys, the servers accept 32"),
+    ("name," + "k" * 257, "is longer than 256 chars"),
+])
+async def test_tag_keys_the_servers_would_refuse_are_a_config_error(
+        tags: str, message: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "k6_forward", "--tags", tags, os.devnull,
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert message in err.decode()
