@@ -105,6 +105,22 @@ class Hello(NamedTuple):
     append: bool = False
 
 
+class Generator(NamedTuple):
+    """What a forwarder says of its load generator: at its start (host, k6, script) and
+    at its end (exit status, the event time of its first and last sample, samples)."""
+
+    seq: int
+    state: str  # "start" or "end"
+    at: float  # epoch seconds of the event, on the generator's clock
+    host: str | None = None
+    k6_version: str | None = None
+    script: str | None = None
+    exit_status: int | None = None
+    first_ns: int | None = None
+    last_ns: int | None = None
+    samples: int | None = None
+
+
 class ItemRefusal(NamedTuple):
     """Items of one frame refused for one reason; the rest of the frame is accepted."""
 
@@ -150,6 +166,16 @@ def welcome(role: str, last_seq: int) -> bytes:
 
 def data(seq: int, items: list[list[Any]]) -> bytes:
     return frame({"type": "data", "seq": seq, "items": items})
+
+
+def generator(g: Generator) -> bytes:
+    """A generator frame: numbered, acknowledged, logged and resent like a data frame."""
+    message = {"type": "generator", "seq": g.seq, "state": g.state, "at": g.at}
+    for name in ("host", "k6_version", "script", "exit_status", "first_ns", "last_ns",
+                 "samples"):
+        if getattr(g, name) is not None:
+            message[name] = getattr(g, name)
+    return frame(message)
 
 
 def data_body(seq: int, items: list[Any]) -> bytes:
@@ -427,6 +453,24 @@ def parse_data(message: dict[str, Any], limits: Limits) -> Data:
     if len(items) > limits.max_items_per_frame:
         raise Refused("too_many_items", f"{len(items)} items, limit {limits.max_items_per_frame}")
     return Data(seq, items)
+
+
+def parse_generator(message: dict[str, Any], limits: Limits) -> Generator:
+    seq = _int(message.get("seq"), "seq", 1)
+    state = message.get("state")
+    if state not in ("start", "end"):
+        raise Refused("bad_field", "a generator's state is 'start' or 'end'")
+    texts: dict[str, Any] = {}
+    for name in ("host", "k6_version", "script"):
+        value = message.get(name)
+        texts[name] = None if value is None else shorten(
+            _text(value, name, 1 << 16), limits.max_name_length)
+    numbers: dict[str, Any] = {}
+    for name, low, high in (("exit_status", -(2**31), 2**31 - 1), ("first_ns", 0, 2**63 - 1),
+                            ("last_ns", 0, 2**63 - 1), ("samples", 0, 2**63 - 1)):
+        value = message.get(name)
+        numbers[name] = None if value is None else _int(value, name, low, high)
+    return Generator(seq, state, _finite(message.get("at"), "at"), **texts, **numbers)
 
 
 def parse_trend_item(item: object, limits: Limits,

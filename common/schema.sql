@@ -100,3 +100,24 @@ CREATE TABLE IF NOT EXISTS run_inputs (
     first_seen  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, role, input)
 );
+
+-- One row per load generator (forwarder) of a run, written by both servers from the
+-- forwarder's start and end frames: td-report lists them, takes the run's span from the
+-- first and last sample for rates, and --wait waits until every generator has ended and
+-- each server has written all of that generator's buckets.
+CREATE TABLE IF NOT EXISTS generators (
+    run_id             text        NOT NULL,
+    producer           text        NOT NULL,
+    host               text,
+    k6_version         text,
+    script             text,
+    started_at         timestamptz,
+    ended_at           timestamptz,
+    exit_status        integer,
+    first_sample       timestamptz,
+    last_sample        timestamptz,
+    samples            bigint,
+    td_written_at      timestamptz,
+    non_td_written_at  timestamptz,
+    PRIMARY KEY (run_id, producer)
+);

@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,7 @@ import asyncpg
 from common import protocol
 from common.aggregate import Aggregator, BucketKey, Entry, OpenBuckets, absorb_entry
 from common.config import ConfigError, ServerConfig
+from common.generators import GeneratorLedger
 from common.group_commit import GroupCommit
 from common.notify import notify, watchdog_interval
 from common.quarantine import QUARANTINE_FILE, Quarantine
@@ -125,7 +127,7 @@ class Connection:
         self.hello: protocol.Hello | None = None
         self.buffered = 0  # this connection's share of server.buffered_bytes
         # Logged frames of the current read, merged once the log commit succeeds.
-        self.logged: list[tuple[list[Any], int]] = []
+        self.logged: list[tuple[list[Any] | protocol.Generator, int]] = []
 
     def refuse(self, exc: protocol.Refused, seq: int | None, fatal: bool = False) -> None:
         self.server.stats.refused[exc.reason] += 1
@@ -226,9 +228,13 @@ class Connection:
             return False
         server.log_error = None
         assert self.hello is not None or not logged
-        for partials, position in logged:
+        for payload, position in logged:
             assert self.hello is not None
-            server.merge(self.hello.run_id, self.hello.producer, partials, position)
+            if isinstance(payload, protocol.Generator):
+                server.generators.note(self.hello.run_id, self.hello.producer, payload,
+                                       segment_of(position))
+            else:
+                server.merge(self.hello.run_id, self.hello.producer, payload, position)
         return True
 
     def handle(self, body: bytes) -> int | None:
@@ -239,18 +245,20 @@ class Connection:
         try:
             if self.hello is None:
                 return self._handle_hello(protocol.unpack(body, protocol.HELLO_UNPACK))
-            frame = protocol.parse_data(protocol.unpack(body, server.unpack_limits),
-                                        server.limits)
-            seq = frame.seq
+            message = protocol.unpack(body, server.unpack_limits)
             producer = self.hello.producer
-            seen = server.wal.seen_seq(producer)
-            if seq <= seen:
-                server.stats.duplicate_frames += 1
+            if message.get("type") == "generator":
+                generator = protocol.parse_generator(message, server.limits)
+                seq = generator.seq
+                if not self._new_seq(seq):
+                    return seq
+                position = server.wal.append(producer, self.hello.run_id, seq, body)
+                self.logged.append((generator, position))
                 return seq
-            if seq - seen > MAX_SEQ_JUMP:
-                raise protocol.Refused(
-                    "seq_jump", f"seq {seq} is more than {MAX_SEQ_JUMP} above this "
-                    f"producer's last ({seen})")
+            frame = protocol.parse_data(message, server.limits)
+            seq = frame.seq
+            if not self._new_seq(seq):
+                return seq
             accepted, refusals = server.accept_items(self.hello.run_id, frame.items)
             if refusals:
                 self.writer.write(protocol.items_refused(seq, refusals))
@@ -263,6 +271,19 @@ class Connection:
             fatal = self.hello is None
             self.refuse(exc, seq, fatal=fatal)
             return None if fatal else 0
+
+    def _new_seq(self, seq: int) -> bool:
+        """False for a frame already logged (a resend: acknowledged, not merged again)."""
+        assert self.hello is not None
+        seen = self.server.wal.seen_seq(self.hello.producer)
+        if seq <= seen:
+            self.server.stats.duplicate_frames += 1
+            return False
+        if seq - seen > MAX_SEQ_JUMP:
+            raise protocol.Refused(
+                "seq_jump", f"seq {seq} is more than {MAX_SEQ_JUMP} above this "
+                f"producer's last ({seen})")
+        return True
 
     def _handle_hello(self, message: dict[str, Any]) -> int:
         server = self.server
@@ -341,6 +362,7 @@ class AggregatorServer:
         # Closed buckets dropped from memory while the database was away: the log span
         # (first segment, last position) to rebuild each from once it is back.
         self.spilled: dict[BucketKey, tuple[int, int]] = {}
+        self.generators = GeneratorLedger(config.bucket_seconds)
         self.series: dict[str, set[tuple[str, Any]]] = {}
         self.series_seen: dict[str, float] = {}
         self.stats = Stats()
@@ -474,7 +496,13 @@ class AggregatorServer:
             # Only accepted items are logged; a release that refused fewer items may
             # have logged one that this release refuses: it is counted and skipped.
             partials = []
-            for item in protocol.unpack(record.body).get("items") or []:
+            message = protocol.unpack(record.body)
+            if message.get("type") == "generator":
+                self.generators.note(record.run_id, record.producer,
+                                     protocol.parse_generator(message, self.limits),
+                                     segment_of(record.position))
+                continue
+            for item in message.get("items") or []:
                 try:
                     partials.append(self.aggregator.parse_item(item, self.limits))
                 except protocol.Refused as exc:
@@ -722,6 +750,7 @@ class AggregatorServer:
         that fail alone are found; those are quarantined and the rest is written.
         """
         if not self.closing:
+            await self._write_generators()
             return True
         assert self._sink is not None
         batch = self.closing
@@ -752,8 +781,33 @@ class AggregatorServer:
             log.warning("late data: merged into %d already written bucket rows", late)
         if self.spilled and len(self.closing) < self.config.max_queued_buckets:
             await self._restore_spilled()
+        await self._write_generators()
         self._release_log()
         return True
+
+    async def _write_generators(self) -> None:
+        """Store generator rows, then mark ended generators whose buckets are all written.
+        A failure keeps them for the next round (the upserts are idempotent)."""
+        assert self._sink is not None
+        rows = self.generators.take_rows()
+        if rows:
+            try:
+                await self._sink.record_generators([row for row, _ in rows.values()])
+            except Exception as exc:
+                self.generators.put_back(rows)
+                log.warning("could not store %d generator rows, kept for retry: %r",
+                            len(rows), exc)
+                return
+        done = self.generators.written(
+            chain(self.open.entries, self.closing, self.spilled))
+        if done:
+            try:
+                await self._sink.mark_written(done)
+            except Exception as exc:
+                for key in done:
+                    self.generators.ended[key] = (None, self.wal.segment)
+                log.warning("could not mark %d generators written, kept for retry: %r",
+                            len(done), exc)
 
     def _spill_excess(self) -> None:
         """Keep at most max_queued_buckets closed buckets in memory while writes fail;
@@ -845,6 +899,7 @@ class AggregatorServer:
         pending = [e.first_segment for e in self.open.entries.values()]
         pending += [e.first_segment for e in self.closing.values()]
         pending += [first for first, _ in self.spilled.values()]
+        pending += self.generators.segments()
         self.wal.release_before(min(pending, default=self.wal.segment))
 
     async def shutdown(self) -> None:
@@ -880,6 +935,8 @@ class AggregatorServer:
                 continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+        with contextlib.suppress(Exception):  # kept in the log otherwise, replayed at start
+            await self._write_generators()
         # 4. Close the log (everything in it is now in the database) and the pool.
         self.group_commit.close()
         try:

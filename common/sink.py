@@ -20,6 +20,7 @@ import asyncpg
 import orjson
 
 from common.aggregate import Aggregator, BucketKey, Entry
+from common.generators import GeneratorRow
 
 log = logging.getLogger(__name__)
 _SCHEMA_LOCK = 0x7464_6167  # "tdag": serialises schema creation between the two servers
@@ -88,6 +89,19 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
                 " migrate_data => TRUE)", table,
             )
     return True
+
+
+_GENERATOR_COLUMNS = ("host", "k6_version", "script", "started_at", "ended_at",
+                      "exit_status", "first_sample", "last_sample", "samples")
+_GENERATOR_UPSERT = (
+    f"INSERT INTO generators (run_id, producer, {', '.join(_GENERATOR_COLUMNS)}) VALUES "
+    "($1, $2, $3, $4, $5, to_timestamp($6), to_timestamp($7), $8, to_timestamp($9), "
+    "to_timestamp($10), $11) ON CONFLICT (run_id, producer) DO UPDATE SET "
+    + ", ".join(f"{c} = coalesce(EXCLUDED.{c}, generators.{c})" for c in _GENERATOR_COLUMNS))
+
+
+def _seconds(ns: int | None) -> float | None:
+    return None if ns is None else ns / 1e9
 
 
 def key_lookup_sql(table: str, columns: Sequence[str], lock: bool) -> str:
@@ -161,6 +175,23 @@ class PgSink:
     async def max_position(self) -> int:
         async with self.pool.acquire() as conn:
             return int(await conn.fetchval(self._max_position))
+
+    async def record_generators(self, rows: list[GeneratorRow]) -> None:
+        """Upsert generator rows; a column the row does not know keeps its stored value."""
+        async with self.pool.acquire() as conn:
+            await conn.executemany(_GENERATOR_UPSERT, [
+                (r.run_id, r.producer, r.host, r.k6_version, r.script, r.started_at,
+                 r.ended_at, r.exit_status, _seconds(r.first_ns), _seconds(r.last_ns),
+                 r.samples) for r in rows])
+
+    async def mark_written(self, keys: list[tuple[str, str]]) -> None:
+        """Every bucket of these generators that this server holds is in the database."""
+        column = f"{self.aggregator.role}_written_at"
+        async with self.pool.acquire() as conn:
+            await conn.executemany(
+                f"INSERT INTO generators (run_id, producer, {column}) VALUES ($1, $2, now()) "
+                f"ON CONFLICT (run_id, producer) DO UPDATE SET {column} = "
+                f"coalesce(generators.{column}, EXCLUDED.{column})", keys)
 
     async def claim_input(self, run_id: str, input_id: str,
                           producer: str) -> tuple[str, float]:

@@ -12,9 +12,11 @@ import gzip
 import hashlib
 import os
 import signal
+import socket
 import ssl
 import stat
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -197,6 +199,9 @@ class Forwarder:
                                  max_spool_bytes=config.max_spool_bytes, tls=tls, token=token,
                                  append=config.append)
         self.items_sent = 0
+        self.started_at = time.time()
+        self.k6_version: str | None = None  # known when k6 runs as the child
+        self.script: str | None = None
 
     async def send(self, closed: tuple[list[Any], list[Any]]) -> None:
         trends, counters = closed
@@ -216,9 +221,12 @@ class Forwarder:
             if chunk is None or sum(map(len, filter(None, head))) >= FINGERPRINT_BYTES:
                 break
         input_id = fingerprint(b"".join(filter(None, head)))
+        started = protocol.Generator(0, "start", self.started_at, socket.gethostname(),
+                                     self.k6_version, self.script)
         for link in (self.td, self.non_td):
             link.input_id = input_id
             link.start()
+            await link.send_generator(started)
         carry = b""
         grace = self.config.local_grace
 
@@ -241,6 +249,18 @@ class Forwarder:
                             f"input ended inside a line ({len(carry)} bytes without newline)")
         self.lines.finish()
         await self.send(self.lines.close_all())
+        await self.td.wait_acked()
+        await self.non_td.wait_acked()
+
+    async def finish(self, exit_status: int | None) -> None:
+        """Tell both servers this generator has ended (after all its data is acked), so
+        that the run knows its span and td-report --wait knows when it is complete."""
+        lines = self.lines
+        ended = protocol.Generator(0, "end", time.time(), exit_status=exit_status,
+                                   first_ns=lines.first_ns, last_ns=lines.last_ns,
+                                   samples=lines.samples)
+        for link in (self.td, self.non_td):
+            await link.send_generator(ended)
         await self.td.wait_acked()
         await self.non_td.wait_acked()
 
@@ -311,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def go() -> int:
         inputs: list[str | int] = list(args.inputs)
         if child is not None:
+            forwarder.script = child.argv[-1]
+            forwarder.k6_version = await child.version()
             try:
                 inputs = [await child.start()]
             except (ChildError, OSError) as exc:
@@ -321,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loop.add_signal_handler(sig, child.pass_signal, sig)
         try:
             await forwarder.run(inputs)
+            k6_status = await child.wait() if child is not None else None
+            await forwarder.finish(k6_status)
         except LinkRefused as exc:
             print(f"k6-forward: error: {exc}", file=sys.stderr)
             return await stop_child(child, 1)
@@ -330,7 +354,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             await forwarder.td.close()
             await forwarder.non_td.close()
-        k6_status = await child.wait() if child is not None else 0
         print(forwarder.summary(), file=sys.stderr, flush=True)
         if k6_status:  # k6's own verdict (99: thresholds, 107: script error...) comes first
             return k6_status

@@ -55,6 +55,21 @@ class K6Child:
             os.close(write_end)  # k6 holds the only writer: its exit ends our input
         return read_end
 
+    async def version(self) -> str | None:
+        """k6's version ("v1.1.0"), from `k6 version`; None if it cannot be had."""
+        binary = shutil.which(self.argv[0]) if self.argv else None
+        if binary is None:
+            return None
+        try:
+            process = await asyncio.create_subprocess_exec(
+                binary, "version", stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
+            out, _ = await asyncio.wait_for(process.communicate(), 10)
+        except (OSError, TimeoutError):
+            return None
+        words = out.decode(errors="replace").split()
+        return words[1] if len(words) > 1 and words[0] == "k6" else None
+
     def pass_signal(self, sig: int) -> None:
         """Hand a signal the forwarder received to k6."""
         if self.process is not None and self.process.returncode is None:

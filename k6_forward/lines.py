@@ -157,6 +157,10 @@ class LineAggregator:
         # bucket start -> (metric, tag values, kind) -> values of that series
         self.open: dict[int, dict[SeriesKey, _Series]] = {}
         self.watermark = 0  # highest event-time second seen
+        # Event time of the first and last sample, to the nanosecond (for the run's span:
+        # the lines of a buffer are taken as in time order, as k6 writes them).
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
         self.lines = 0
         self.samples = 0
         self.skipped: Counter[str] = Counter()
@@ -380,6 +384,23 @@ class LineAggregator:
         self.lines += lines
         self.samples += lines - not_fast + slow_samples
         self.watermark = watermark
+        if lines > not_fast:
+            self._note_times(parts[2::_FIELDS])
+
+    def _note_times(self, times: list[bytes | None]) -> None:
+        """Move the first and last sample times by a buffer's first and last fast line."""
+        first = next((t for t in times if t is not None), None)
+        last = next((t for t in reversed(times) if t is not None), None)
+        for text in (first, last):
+            if text is not None:
+                with contextlib.suppress(ValueError):
+                    self._note_ns(parse_epoch_ns(text.decode()))
+
+    def _note_ns(self, ns: int) -> None:
+        if self.first_ns is None or ns < self.first_ns:
+            self.first_ns = ns
+        if self.last_ns is None or ns > self.last_ns:
+            self.last_ns = ns
 
     def _second(self, key: bytes, time_text: bytes) -> tuple[int, int] | None:
         """(epoch second, bucket start) of a fast-path time; None if it does not parse."""
@@ -530,6 +551,7 @@ class LineAggregator:
             second = ns // NS_PER_S
             if second > self.watermark:
                 self.watermark = second
+            self._note_ns(ns)
             series = self._series(second - second % self.bucket_seconds, metric,
                                   tag_values, kind)
             if isinstance(series, _Gauge):

@@ -154,6 +154,14 @@ class ServerLink:
                 frame = protocol.data(seq, items[start:start + ITEMS_PER_FRAME])
                 await self._place(seq, frame)
 
+    async def send_generator(self, generator: protocol.Generator) -> None:
+        """Queue a generator frame (its seq is this link's next); kept until acknowledged
+        like data."""
+        async with self._send_lock:
+            self._check_fatal()
+            seq = self.next_seq
+            await self._place(seq, protocol.generator(generator._replace(seq=seq)))
+
     async def wait_acked(self) -> None:
         """Return once every frame is acknowledged (or refused)."""
         while self.unacked_frames and self.fatal is None:

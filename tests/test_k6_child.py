@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ async def test_k6_under_the_forwarder_loses_nothing(dsn: str, tmp_path: Path) ->
     last = err.decode().strip().splitlines()[-1]
     assert "0 lines lost; 0 lines of k6 text ignored" in last, last
     await stored_against_summary(dsn, "child", json.loads(summary.read_text()))
+    # The generator is recorded, and both servers marked its buckets written.
+    (row,) = await fetch(dsn, "SELECT * FROM generators WHERE run_id = 'child'")
+    read = int(last.split(" samples read")[0].rsplit(" ", 1)[1])
+    assert (row["host"], row["k6_version"], row["script"], row["exit_status"],
+            row["samples"]) == (socket.gethostname(), "v1.1.0", str(FIXTURES / "load.js"),
+                                0, read)
+    assert row["started_at"] < row["first_sample"] < row["last_sample"] < row["ended_at"]
+    assert 10 < (row["last_sample"] - row["first_sample"]).total_seconds() < 12
+    assert row["td_written_at"] is not None
+    assert row["non_td_written_at"] is not None
 
 
 async def test_sigint_stops_k6_gracefully_and_keeps_its_status(dsn: str,
@@ -95,12 +106,19 @@ async def test_a_script_that_does_not_compile_keeps_k6_message_and_status(
         dsn: str, tmp_path: Path) -> None:
     script = tmp_path / "broken.js"
     script.write_text("export default function ( { syntax error\n")
-    async with server_process("td_server", dsn, tmp_path) as td:
-        process = await start_forwarder("http://127.0.0.1:1", td.address, td.address,
+    async with (
+        server_process("td_server", dsn, tmp_path) as td,
+        server_process("non_td_server", dsn, tmp_path) as non_td,
+    ):
+        process = await start_forwarder("http://127.0.0.1:1", td.address, non_td.address,
                                         "broken", str(script))
         _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert await td.stop() == 0
+        assert await non_td.stop() == 0
     assert process.returncode == 107, err.decode()
     assert "Unexpected identifier" in err.decode()
+    (row,) = await fetch(dsn, "SELECT exit_status, samples FROM generators")
+    assert (row["exit_status"], row["samples"]) == (107, 0)
 
 
 async def test_a_missing_k6_binary_is_a_clear_error(tmp_path: Path) -> None:
