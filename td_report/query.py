@@ -17,7 +17,8 @@ import asyncpg
 import orjson
 
 from common import digest
-from td_report.database import Extent, Reader, ReportError, Series
+from td_report.database import Extent, GeneratorInfo, Reader, ReportError, Series
+from td_report.generators import sample_span
 from td_report.summary import CounterAccumulator, CounterStats, Selected, TrendAccumulator, observe
 from td_report.thresholds import Tags, Threshold, ThresholdError, check_applicable, matches
 
@@ -79,7 +80,10 @@ class Report:
     thresholds: list[ThresholdResult] = field(default_factory=list)
     trend_points: dict[str, list[TrendPoint]] = field(default_factory=dict)
     counter_points: dict[str, list[CounterPoint]] = field(default_factory=dict)
-    generators: int = 0  # k6-forward processes seen in gauge states (0: unknown)
+    generators: int = 0  # how many generators (recorded, or seen in gauge states; 0: unknown)
+    generator_rows: list[GeneratorInfo] = field(default_factory=list)  # the run's records
+    span_source: str = "buckets"  # "samples": the generators' first to last sample
+    span_note: str = ""  # with "buckets": why the samples' span was not used
     group_paths: set[str] = field(default_factory=set)  # values of the k6 'group' tag
     checks: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # -> [pass, fail]
     rows: int = 0
@@ -154,20 +158,31 @@ async def _build(reader: Reader, selection: Selection) -> Report:
             f"{_describe(selection.start, 'its start')} and "
             f"{_describe(selection.end, 'its end')}; its data runs "
             f"from {_utc(whole.first)} to {_utc(whole.last)}")
-    span_start = extent.first
-    span_end = extent.last
-    if extent.last == whole.last:
-        # The window reaches the run's end: stop at the latest sample recorded, not at the
-        # end of the last bucket, so that rates per second are close to k6's own.
-        last = await reader.last_sample(run_id)
-        if last is not None and last[0] == whole.last and last[1] > span_start:
-            span_end = min(span_end, last[1])
-    if selection.start is not None:
-        span_start = max(span_start, selection.start.timestamp())
-    if selection.end is not None:
-        span_end = min(span_end, selection.end.timestamp())
+    window_start = selection.start.timestamp() if selection.start is not None else None
+    window_end = selection.end.timestamp() if selection.end is not None else None
+    generators = await reader.generators(run_id)
+    # Producers that wrote gauges: a generator among them without a row (an older
+    # k6-forward) may have sampled outside the recorded span.
+    seen = await reader.gauge_producers(run_id, None, None) if generators else set()
+    sampled = sample_span(generators, seen, window_start, window_end)
+    if isinstance(sampled, tuple):
+        # The generators' first and last sample: the run's real start and end.
+        span_start, span_end = sampled
+        span_source, span_note = "samples", ""
+    else:
+        span_start, span_end = await _bucket_span(reader, run_id, whole, extent)
+        if window_start is not None:
+            span_start = max(span_start, window_start)
+        if window_end is not None:
+            span_end = min(span_end, window_end)
+        span_source, span_note = "buckets", sampled
+    if generators:
+        count = len({g.producer for g in generators} | seen)
+    else:
+        count = len(await reader.gauge_producers(run_id, selection.start, selection.end))
     report = Report(selection, extent, span_start, span_end, kinds, tuple(sorted(stored)),
-                    generators=await reader.generators(run_id, selection.start, selection.end))
+                    generators=count, generator_rows=generators or [],
+                    span_source=span_source, span_note=span_note)
     feeder = _Feeder(report)
     where = dict(selection.where)
     for table in ("trend_buckets", "counter_buckets"):
@@ -184,6 +199,20 @@ async def _build(reader: Reader, selection: Selection) -> Report:
         report.thresholds.append(ThresholdResult(threshold, selected.kind, value,
                                                  selected.samples))
     return report
+
+
+async def _bucket_span(reader: Reader, run_id: str, whole: Extent, extent: Extent
+                       ) -> tuple[float, float]:
+    """From the first selected bucket's start to the last one's end; when the selection
+    reaches the run's end, to the latest sample time recorded in gauge states instead."""
+    span_start, span_end = extent.first, extent.last
+    if extent.last == whole.last:
+        # Stop at the latest sample recorded, not at the end of the last bucket, so that
+        # rates per second are closer to k6's own.
+        last = await reader.last_sample(run_id)
+        if last is not None and last[0] == whole.last and last[1] > span_start:
+            span_end = min(span_end, last[1])
+    return span_start, span_end
 
 
 def _describe(moment: datetime | None, otherwise: str) -> str:

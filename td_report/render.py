@@ -13,6 +13,8 @@ from typing import IO, Any
 
 import orjson
 
+from td_report import generators
+from td_report.database import GeneratorInfo
 from td_report.query import K6_QUANTILES, Report, ThresholdResult
 from td_report.summary import Selected, quantile_label
 from td_report.thresholds import selector_name
@@ -177,7 +179,8 @@ def header_lines(report: Report) -> list[str]:
         lines.append(f"          whole buckets {fmt_time(extent.first)} .. "
                      f"{fmt_time(extent.last)} are counted; rates are per second of the "
                      f"window")
-    if report.generators:
+    lines.append(f"span      {span_text(report)}")
+    if not report.generator_rows and report.generators:  # else: the GENERATORS section
         lines.append(f"generators {report.generators} (k6-forward processes seen in gauge "
                      f"samples)")
     if sel.where:
@@ -185,6 +188,34 @@ def header_lines(report: Report) -> list[str]:
     if sel.by:
         lines.append("by        " + ", ".join(sel.by))
     return lines
+
+
+def span_text(report: Report) -> str:
+    """'first to last sample, 60.2 s' or 'buckets, 36.2 s (why)'."""
+    seconds = fmt_span(report.span_seconds)
+    if report.span_source == "samples":
+        return f"first to last sample, {seconds}"
+    note = f" ({report.span_note})" if report.span_note else ""
+    return f"buckets, {seconds}{note}"
+
+
+def generator_cells(report: Report) -> list[list[str]]:
+    """host, script, k6, started, ended, exit, samples: one list per generator."""
+    names = generators.labels(report.generator_rows)
+    rows = []
+    for g in report.generator_rows:
+        rows.append([
+            names[g.producer], generators.printable(g.script or "-"),
+            generators.printable(g.k6_version or "-"),
+            fmt_time(g.started_at) if g.started_at is not None else "-",
+            "running" if g.ended_at is None else fmt_time(g.ended_at),
+            generators.exit_text(g),
+            fmt_number(g.samples) if g.samples is not None else "-",
+        ])
+    return rows
+
+
+GENERATOR_HEADERS = ("host", "script", "k6", "started", "ended", "exit", "samples")
 
 
 def _tag_cells(selected: Selected) -> list[str]:
@@ -209,6 +240,9 @@ def table_text(report: Report, stream: IO[str] | None = None) -> str:
     qs = report.quantiles
     by = list(report.selection.by)
     lines = header_lines(report)
+    if report.generator_rows:
+        lines += ["", f"GENERATORS {generators.count_text(report.generator_rows)}"]
+        lines += _table(GENERATOR_HEADERS, generator_cells(report), 6)
     shown = rows_shown(report)
     for kind in KIND_ORDER:
         items = [s for s in shown if s.kind == kind]
@@ -285,6 +319,19 @@ def threshold_dict(result: ThresholdResult) -> dict[str, Any]:
             "value": result.value, "samples": result.samples, "ok": result.ok}
 
 
+def generator_dict(g: GeneratorInfo) -> dict[str, Any]:
+    def when(epoch: float | None) -> str | None:
+        return iso(epoch) if epoch is not None else None
+
+    return {"producer": g.producer, "host": g.host, "script": g.script,
+            "k6_version": g.k6_version, "started_at": when(g.started_at),
+            "ended_at": when(g.ended_at), "running": g.running,
+            "exit_status": g.exit_status, "failed": g.exit_status not in (None, 0),
+            "first_sample": when(g.first_sample), "last_sample": when(g.last_sample),
+            "samples": g.samples, "td_written_at": when(g.td_written_at),
+            "non_td_written_at": when(g.non_td_written_at), "written": g.written}
+
+
 def report_dict(report: Report) -> dict[str, Any]:
     sel = report.selection
     data: dict[str, Any] = {
@@ -299,8 +346,11 @@ def report_dict(report: Report) -> dict[str, Any]:
             "bucket_seconds": list(report.extent.widths),
             "first_bucket": iso(report.extent.first),
             "buckets_end": iso(report.extent.last),
+            "span": report.span_source,
+            "span_note": report.span_note or None,
         },
-        "generators": report.generators or None,
+        "generator_count": report.generators or None,
+        "generators": [generator_dict(g) for g in report.generator_rows],
         "where": dict(sel.where),
         "by": list(sel.by),
         "quantiles": list(sel.quantiles),

@@ -1,9 +1,13 @@
 """td-report against a database filled by the real pipeline: k6 -> k6-forward -> servers.
 
 One pipeline per module (about 20 s): a single generator run with k6's own
---summary-export and thresholds, and a two-generator run, at the same time. Expected
-figures come from the raw JSON that ``tee`` saved, or from k6's own summary, never from
-the pipeline; td-report runs as a subprocess, as a user runs it.
+--summary-export and thresholds, and a two-generator run, at the same time; the second
+run's buckets are copied once more under a run id without generator rows, as a release
+before the generators table stored a run. Expected figures come from the raw JSON that
+``tee`` saved, or from k6's own summary, never from the pipeline; the one exception is
+the span of rates, read from the generator rows the servers stored, which are checked
+against the raw streams (test_generators_are_listed). td-report runs as a subprocess, as
+a user runs it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import numpy as np
 import pytest
 
@@ -34,6 +39,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 SOLO = "report-solo"
 MULTI = "report-multi"
+OLDER = "report-multi-older-release"  # MULTI's buckets without generator rows
 DURATION = "12s"
 # Thresholds for k6 itself (k6 run --config): none near its boundary on this target.
 K6_OPTIONS = {"thresholds": {
@@ -61,6 +67,7 @@ class Data:
     points: dict[str, dict[str, list[dict[str, Any]]]]  # run -> source -> points
     summary: dict[str, Any]  # k6's own --summary-export of the solo run
     options: Path
+    spans: dict[str, list[tuple[float, float]]]  # run -> stored (first, last sample)
 
 
 async def _run_pipeline(dsn: str, tmp: Path, summary: Path, options: Path) -> None:
@@ -84,6 +91,35 @@ async def _run_pipeline(dsn: str, tmp: Path, summary: Path, options: Path) -> No
         assert await non_td.stop() == 0, b"".join(non_td.stderr_lines).decode()
 
 
+async def _generator_spans(dsn: str, run: str) -> list[tuple[float, float]]:
+    """(first sample, last sample) of each generator row of the run that has them."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT extract(epoch FROM first_sample)::float8 AS first,"
+            " extract(epoch FROM last_sample)::float8 AS last FROM generators"
+            " WHERE run_id = $1 AND first_sample IS NOT NULL AND last_sample IS NOT NULL",
+            run)
+    finally:
+        await conn.close()
+    return [(r["first"], r["last"]) for r in rows]
+
+
+async def _copy_as_older_release(dsn: str, run: str, copy: str) -> None:
+    """The run's buckets again under another run id without generator rows: a run that
+    a release before the generators table stored."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for table in ("trend_buckets", "counter_buckets"):
+            await conn.execute(f"CREATE TEMP TABLE copy AS SELECT * FROM {table}"
+                               f" WHERE run_id = $1", run)
+            await conn.execute("UPDATE copy SET run_id = $1", copy)
+            await conn.execute(f"INSERT INTO {table} SELECT * FROM copy")
+            await conn.execute("DROP TABLE copy")
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="module")
 def data(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Data:
     """A database of its own for this module, filled once by the real pipeline."""
@@ -100,7 +136,10 @@ def data(pg_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Data:
             found, pts = load_points(tmp / file)
             kinds.update(found)
             points[run][file] = pts
-    return Data(dsn, tmp, kinds, points, json.loads(summary.read_text()), options)
+    asyncio.run(_copy_as_older_release(dsn, MULTI, OLDER))
+    points[OLDER] = points[MULTI]
+    spans = {run: asyncio.run(_generator_spans(dsn, run)) for run in (SOLO, MULTI, OLDER)}
+    return Data(dsn, tmp, kinds, points, json.loads(summary.read_text()), options, spans)
 
 
 def td_report(data: Data, *args: str, env: dict[str, str] | None = None
@@ -141,7 +180,24 @@ def check_trend(entry: dict[str, Any], values: np.ndarray, what: Any) -> None:
 
 
 def expected_span(data: Data, run: str) -> tuple[float, float]:
-    """First bucket start to the latest gauge sample of the last bucket (see docs)."""
+    """The generators' first to last sample when they are stored; else the first bucket's
+    start to the latest gauge sample of the last bucket (see docs)."""
+    if data.spans[run]:
+        return (min(first for first, _ in data.spans[run]),
+                max(last for _, last in data.spans[run]))
+    return bucket_span(data, run)
+
+
+def window_seconds(data: Data, run: str, start: float, end: float) -> float:
+    """The span of a window [start, end) of whole buckets inside the run."""
+    if data.spans[run]:
+        first, last = expected_span(data, run)
+        start, end = max(start, first), min(end, last)
+    return end - start
+
+
+def bucket_span(data: Data, run: str) -> tuple[float, float]:
+    """First bucket start to the latest gauge sample of the last bucket."""
     pts = [p for src in data.points[run].values() for p in src]
     first = min(p["bucket"] for p in pts)
     last_bucket = max(p["bucket"] for p in pts)
@@ -167,15 +223,16 @@ def gauge_last(data: Data, run: str, metric: str) -> float:
 
 # --- whole-run figures --------------------------------------------------------------------
 
-@pytest.mark.parametrize("run", [SOLO, MULTI])
+@pytest.mark.parametrize("run", [SOLO, MULTI, OLDER])
 def test_whole_run_figures_match_raw_samples(data: Data, run: str) -> None:
     report = report_json(data, "--run-id", run, "--quantiles", "0.5,0.9,0.95,0.99,0.999")
     entries = {e["metric"]: e for e in report["metrics"]}
     raw_metrics = {p["metric"] for pts in data.points[run].values() for p in pts}
     assert set(entries) == raw_metrics
     first, end = expected_span(data, run)
+    assert report["window"]["span"] == ("samples" if data.spans[run] else "buckets")
     assert report["window"]["seconds"] == pytest.approx(end - first, abs=1e-3)
-    assert report["generators"] == len(data.points[run])
+    assert report["generator_count"] == len(data.points[run])
     trends = 0
     for metric, entry in entries.items():
         values = samples(data, run, metric)
@@ -241,6 +298,57 @@ def _submetric_filter(name: str) -> Callable[[dict[str, Any]], bool]:
 
 
 # --- thresholds -----------------------------------------------------------------------------
+
+def test_http_reqs_rate_agrees_with_k6(data: Data) -> None:
+    """k6 divides by the test's duration; td-report by the first to last sample, which the
+    generators' rows give. Divided by the bucket extent instead (the start is then the
+    first bucket's), a short run's rate read 6 % low."""
+    report = report_json(data, "--run-id", SOLO)
+    assert report["window"]["span"] == "samples"
+    ours = next(e for e in report["metrics"] if e["metric"] == "http_reqs")
+    k6 = data.summary["metrics"]["http_reqs"]
+    assert ours["total"] == k6["count"]
+    first, last = expected_span(data, SOLO)
+    assert ours["rate"] == pytest.approx(k6["count"] / (last - first), rel=1e-9)
+    # k6's duration also holds the time before the first and after the last sample.
+    assert ours["rate"] == pytest.approx(k6["rate"], rel=0.01)
+    assert ours["rate"] >= k6["rate"] * 0.999
+
+
+@pytest.mark.parametrize("run", [SOLO, MULTI])
+def test_generators_are_listed(data: Data, run: str) -> None:
+    assert len(data.spans[run]) == len(data.points[run])  # the servers recorded them
+    report = report_json(data, "--run-id", run)
+    listed = report["generators"]
+    assert len(listed) == len(data.points[run])
+    assert all(not g["running"] and g["written"] for g in listed)
+    # Each generator's first and last sample and sample count are those of its raw stream.
+    raw = sorted((min(p["ns"] for p in pts) / 1e9, max(p["ns"] for p in pts) / 1e9, len(pts))
+                 for pts in data.points[run].values())
+    stored = sorted((_epoch(g["first_sample"]), _epoch(g["last_sample"]), g["samples"])
+                    for g in listed)
+    for (raw_first, raw_last, raw_count), (first, last, count) in zip(raw, stored,
+                                                                     strict=True):
+        # The forwarder notes times per read buffer (k6 writes them nearly in order).
+        assert first == pytest.approx(raw_first, abs=0.1)
+        assert last == pytest.approx(raw_last, abs=0.1)
+        assert count == raw_count
+    done = td_report(data, "--run-id", run)
+    assert f"GENERATORS {len(listed)}" in done.stdout
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_wait_on_a_finished_run_reports_at_once(data: Data) -> None:
+    """Every generator of the solo run has ended and is written: --wait just reports."""
+    done = td_report(data, "--run-id", SOLO, "--wait", "--timeout", "30", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["window"]["span"] == "samples"
+    assert done.stderr == ""
+
 
 def test_thresholds_from_k6_options_agree_with_k6(data: Data) -> None:
     done = td_report(data, "--run-id", SOLO, "--thresholds-from", str(data.options), "--json")
@@ -377,13 +485,14 @@ def test_window_selects_whole_buckets(data: Data) -> None:
     chosen = buckets[-2]  # not the last: there the window would end at the last sample
     report = report_json(data, "--run-id", MULTI, "--from", _iso(chosen), "--to",
                          _iso(chosen + 10))
-    assert report["window"]["seconds"] == 10
+    seconds = window_seconds(data, MULTI, chosen, chosen + 10)
+    assert report["window"]["seconds"] == pytest.approx(seconds, abs=1e-9)
     assert report["window"]["buckets"] == 1
     entries = {e["metric"]: e for e in report["metrics"]}
     keep: Callable[[dict[str, Any]], bool] = lambda p: p["bucket"] == chosen  # noqa: E731
     reqs = samples(data, MULTI, "http_reqs", keep)
     assert entries["http_reqs"]["total"] == reqs.sum()
-    assert entries["http_reqs"]["rate"] == reqs.sum() / 10
+    assert entries["http_reqs"]["rate"] == pytest.approx(reqs.sum() / seconds, rel=1e-12)
     check_trend(entries["http_req_duration"], samples(data, MULTI, "http_req_duration", keep),
                 "window")
     # Epoch seconds and a time inside the bucket select the same (whole) bucket.
@@ -391,7 +500,8 @@ def test_window_selects_whole_buckets(data: Data) -> None:
                         str(chosen + 7))
     assert {e["metric"]: e.get("count", e.get("total")) for e in again["metrics"]} == {
         e["metric"]: e.get("count", e.get("total")) for e in report["metrics"]}
-    assert again["window"]["seconds"] == 4
+    assert again["window"]["seconds"] == pytest.approx(
+        window_seconds(data, MULTI, chosen + 3, chosen + 7), abs=1e-9)
 
 
 def _iso(epoch: int) -> str:
