@@ -25,7 +25,7 @@ from typing import IO, Any
 from common import protocol
 from common.cli import run_loop
 from common.config import ConfigError, ForwarderConfig, load
-from k6_forward.child import FORWARDED_SIGNALS, ChildError, K6Child
+from k6_forward.child import FORWARDED_SIGNALS, ChildError, K6Child, script_of
 from k6_forward.lines import LineAggregator
 from k6_forward.link import LinkRefused, ServerLink
 
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def go() -> int:
         inputs: list[str | int] = list(args.inputs)
         if child is not None:
-            forwarder.script = child.argv[-1]
+            forwarder.script = script_of(child.argv)
             forwarder.k6_version = await child.version()
             try:
                 inputs = [await child.start()]

@@ -30,6 +30,17 @@ def with_json_output(argv: list[str], fd: int) -> list[str]:
     return [*argv[:at], "--out", f"json=/dev/fd/{fd}", *argv[at:]]
 
 
+SCRIPT_SUFFIXES = (".js", ".mjs", ".cjs", ".ts", ".tar")
+
+
+def script_of(argv: list[str]) -> str | None:
+    """The test script of a k6 command: the last argument after ``run`` that names a
+    script (k6-operator puts --address, --paused and --tag after it)."""
+    after = argv[argv.index("run") + 1:] if "run" in argv[1:] else []
+    scripts = [a for a in after if not a.startswith("-") and a.endswith(SCRIPT_SUFFIXES)]
+    return scripts[-1] if scripts else None
+
+
 class K6Child:
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv

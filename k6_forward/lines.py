@@ -385,16 +385,22 @@ class LineAggregator:
         self.samples += lines - not_fast + slow_samples
         self.watermark = watermark
         if lines > not_fast:
-            self._note_times(parts[2::_FIELDS])
+            self._note_times(list(zip(parts[1::_FIELDS], parts[2::_FIELDS], strict=True)))
 
-    def _note_times(self, times: list[bytes | None]) -> None:
-        """Move the first and last sample times by a buffer's first and last fast line."""
-        first = next((t for t in times if t is not None), None)
-        last = next((t for t in reversed(times) if t is not None), None)
-        for text in (first, last):
-            if text is not None:
+    def _note_times(self, lines: list[tuple[bytes | None, bytes | None]]) -> None:
+        """Move the first and last sample times by a buffer's first and last fast line
+        that is not a gauge: k6 writes vus every second, also while a test is paused."""
+        def taken(line: tuple[bytes | None, bytes | None]) -> bool:
+            metric, text = line
+            return (metric is not None and text is not None
+                    and self.kinds.get(metric.decode()) not in (None, "gauge"))
+
+        first = next(filter(taken, lines), None)
+        last = next(filter(taken, reversed(lines)), None)
+        for line in (first, last):
+            if line is not None and line[1] is not None:
                 with contextlib.suppress(ValueError):
-                    self._note_ns(parse_epoch_ns(text.decode()))
+                    self._note_ns(parse_epoch_ns(line[1].decode()))
 
     def _note_ns(self, ns: int) -> None:
         if self.first_ns is None or ns < self.first_ns:
@@ -551,7 +557,8 @@ class LineAggregator:
             second = ns // NS_PER_S
             if second > self.watermark:
                 self.watermark = second
-            self._note_ns(ns)
+            if kind != "gauge":
+                self._note_ns(ns)
             series = self._series(second - second % self.bucket_seconds, metric,
                                   tag_values, kind)
             if isinstance(series, _Gauge):
