@@ -73,8 +73,8 @@ PY = sys.executable
 BIN = Path(sys.executable).parent
 READY = re.compile(rb"ready: listening on (\S+):(\d+),")
 FORWARDER_DONE = re.compile(
-    r"done: (\d+) lines read, (\d+) samples in (\d+) partials sent and acknowledged, "
-    r"(\d+) lines skipped")
+    r"done: (?P<lines>\d+) lines read; (?P<samples>\d+) samples read, .*?; "
+    r"(?P<skipped>\d+) lines lost.*; (?P<partials>\d+) partials acknowledged")
 BUCKET_SECONDS = 10
 QS = (0.5, 0.9, 0.95, 0.99)
 TAG_KEYS = ("name", "method", "status", "scenario", "group")
@@ -423,8 +423,7 @@ def forwarder_done(log: Path) -> dict[str, int]:
     found = FORWARDER_DONE.search(log.read_text())
     if found is None:
         raise BenchError(f"k6-forward did not finish cleanly:\n{log.read_text()[-2000:]}")
-    lines, samples, partials, skipped = (int(g) for g in found.groups())
-    return {"lines": lines, "samples": samples, "partials": partials, "skipped": skipped}
+    return {key: int(found.group(key)) for key in ("lines", "samples", "partials", "skipped")}
 
 
 # --- 1. forwarder --------------------------------------------------------------------

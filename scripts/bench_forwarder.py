@@ -253,6 +253,8 @@ class StubServer:
                         self.frames += 1
                         self.items += len(message["items"])
                         writer.write(protocol.ack(message["seq"]))
+                    elif message["type"] == "generator":  # start and end of the run
+                        writer.write(protocol.ack(message["seq"]))
                 await writer.drain()
         except (ConnectionError, protocol.FramingError, protocol.Refused):
             pass
@@ -260,7 +262,8 @@ class StubServer:
             writer.close()
 
 
-_SUMMARY = re.compile(rb"done: (\d+) lines read, (\d+) samples in (\d+) partials")
+_SUMMARY = re.compile(rb"done: (\d+) lines read; (\d+) samples read, .*; (\d+) partials "
+                      rb"acknowledged")
 
 
 @dataclass

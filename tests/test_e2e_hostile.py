@@ -48,6 +48,7 @@ async def test_long_urls_and_nul_tags_cost_only_themselves(dsn: str, tmp_path: P
     # Lost samples change the exit status and are named with their cause.
     assert code == 3, err
     summary = err.strip().splitlines()[-2]
+    print(summary)
     assert f"{len(points)} samples read" not in summary  # the NUL samples were not taken
     assert re.search(rf"{len(good)} stored, 0 refused by the servers; {len(nul)} lines lost "
                      rf"\(bad_character={len(nul)}\)", summary), summary
