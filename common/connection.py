@@ -43,6 +43,7 @@ class Connection:
         self.decoder = protocol.FrameDecoder(HELLO_MAX_BYTES)
         self.hello: protocol.Hello | None = None
         self.buffered = 0  # this connection's share of server.buffered_bytes
+        self.hello_deadline = asyncio.get_running_loop().time() + server.config.hello_timeout
         # Logged frames of the current read, merged once the log commit succeeds.
         self.logged: list[tuple[list[Any] | protocol.Generator, int]] = []
 
@@ -58,15 +59,18 @@ class Connection:
 
     async def _read(self) -> bytes:
         server = self.server
-        timeout = server.config.hello_timeout if self.hello is None else \
-            server.config.idle_timeout
+        timeout = server.config.idle_timeout
+        if self.hello is None:
+            # From the connection's start, not per read: trickling bytes buys no time.
+            timeout = max(self.hello_deadline - asyncio.get_running_loop().time(), 0.0)
         try:
             async with asyncio.timeout(timeout):
                 return await self.reader.read(256 * 1024)
         except TimeoutError:
             what = "no hello" if self.hello is None else "no data"
             server.stats.timeouts += 1
-            log.info("closing connection from %s: %s for %gs", self.peer, what, timeout)
+            limit = server.config.hello_timeout if self.hello is None else timeout
+            log.info("closing connection from %s: %s in %gs", self.peer, what, limit)
             return b""
 
     async def run(self) -> None:

@@ -253,6 +253,25 @@ async def test_silent_and_idle_connections_are_closed(dsn: str, tmp_path: Path) 
         assert server.stats.timeouts == 2
 
 
+async def test_trickling_bytes_buys_no_time_before_the_hello(dsn: str,
+                                                          tmp_path: Path) -> None:
+    async with run_server(dsn, tmp_path, TD, hello_timeout=0.5) as server:
+        reader, writer = await asyncio.open_connection(*server.address)
+        hello = protocol.hello("p", "run", TD)
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            for byte in hello[:15]:  # one byte every 0.2 s: 3 s, never a whole hello
+                if reader.at_eof():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                sent += 1
+                await asyncio.sleep(0.2)
+        writer.close()
+        assert sent < 15  # closed while it trickled, about 0.5 s after connecting
+        assert server.stats.timeouts == 1
+
+
 async def test_connections_past_the_cap_are_closed_and_others_served(
         dsn: str, tmp_path: Path) -> None:
     async with run_server(dsn, tmp_path, TD, grace=0, max_connections=3) as server:
