@@ -50,16 +50,22 @@ examples:
   td-report --run-id checkout-test --threshold 'http_req_duration: p(95)<500' \\
             --threshold 'http_req_failed: rate<0.01' --html report.html
   td-report --run-id checkout-test --thresholds-from options.json --k6-summary > summary.json
+  td-report --run-id checkout-test --thresholds-from options.json --strict-thresholds
   td-report --run-id checkout-test --wait --timeout 300 --thresholds-from options.json
 
 exit status:
   0    report written, every threshold passed (or none given)
-  99   a threshold failed (as k6 run); the report is still written
+  99   a threshold failed (as k6 run); the report is still written. With
+       --strict-thresholds, also a percentile threshold too close to call
   2    bad input: malformed threshold, unknown run id, empty window, unknown tag, no
        database configured
   1    database unreachable (or an unexpected error)
   4    --wait: not every generator had ended and been written within --timeout
   130  interrupted (Ctrl-C)
+
+percentile thresholds (p(N), med) are read from merged t-digests: each verdict says
+whether the digests decide it or it is too close to call (the exact percentile may lie
+on either side of the bound; the output shows the bound's rank interval).
 
 rates per second divide by the run's span: from the generators' first to last sample
 when the servers recorded them (and every generator has ended), else from the first
@@ -90,6 +96,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'http_req_duration{scenario:browse}: p(99)<800' (repeatable)")
     parser.add_argument("--thresholds-from", action="append", default=[], metavar="FILE",
                         help="the 'thresholds' of a k6 options JSON file (repeatable)")
+    parser.add_argument("--strict-thresholds", action="store_true",
+                        help="a percentile threshold too close to call (the digests cannot "
+                             "tell on which side of the bound the exact value lies) fails, "
+                             "exit 99; without it such a verdict is only marked")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", dest="format", action="store_const", const="json",
                         help="print the report as JSON")
@@ -279,7 +289,8 @@ def _main(config: ReportConfig, args: argparse.Namespace) -> int:
     selection = Selection(
         run_id=args.run_id or "", start=start, end=end, where=parse_where(args.where),
         by=parse_by(args.by), quantiles=parse_quantiles(config.quantiles),
-        thresholds=collect_thresholds(args), per_bucket=bool(args.html))
+        thresholds=collect_thresholds(args), per_bucket=bool(args.html),
+        strict=bool(args.strict_thresholds))
     dsn, label = choose_database(config)
     if args.list_runs:
         _write(sys.stdout, asyncio.run(_list_runs(dsn, label)))

@@ -16,7 +16,8 @@ QUANTILE_COLORS = ("#2563eb", "#16a34a", "#f59e0b", "#dc2626")  # p50 p90 p95 p9
 
 CSS = """
 :root { --ink: #1f2937; --muted: #6b7280; --line: #e5e7eb; --bg: #f5f6f8; --card: #fff;
-        --pass: #15803d; --pass-bg: #dcfce7; --fail: #b91c1c; --fail-bg: #fee2e2; }
+        --pass: #15803d; --pass-bg: #dcfce7; --fail: #b91c1c; --fail-bg: #fee2e2;
+        --close: #92400e; --close-bg: #fef3c7; }
 * { box-sizing: border-box; }
 body { margin: 0; background: var(--bg); color: var(--ink);
        font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue",
@@ -77,6 +78,7 @@ table.data tbody tr:hover { background: #f9fafb; }
          border-radius: 999px; font-size: 12px; font-weight: 650; }
 .badge.pass { background: var(--pass-bg); color: var(--pass); }
 .badge.fail { background: var(--fail-bg); color: var(--fail); }
+.badge.close { background: var(--close-bg); color: var(--close); margin-left: 4px; }
 footer { margin-top: 34px; color: var(--muted); font-size: 12px; }
 """
 
@@ -434,14 +436,22 @@ def _summary_tables(report: Report) -> str:
 
 def _thresholds(results: Sequence[ThresholdResult]) -> str:
     rows = []
-    for r in sorted(results, key=lambda r: (r.ok, r.threshold.selector)):
+    for r in sorted(results, key=lambda r: (r.ok, r.decided, r.threshold.selector)):
         badge = ('<span class="badge pass">pass</span>' if r.ok
                  else '<span class="badge fail">fail</span>')
-        empty = " (no samples)" if not r.samples else ""
+        observed = render.threshold_value_text(r) + (" (no samples)" if not r.samples else "")
+        if r.too_close:
+            why = ("the exact value may lie on either side of the bound"
+                   + ("; --strict-thresholds fails it" if r.strict else ""))
+            badge += (f'<span class="badge close" title="{escape(why)}">too close to call'
+                      f"</span>")
+            where = render.band_text(r)
+            if where:
+                observed += f" ({where})"
         rows.append(f'<tr><td class="l">{badge}</td>'
                     f'<td class="l"><code>{escape(r.threshold.selector)}</code></td>'
                     f'<td class="l"><code>{escape(r.threshold.expression.text)}</code></td>'
-                    f'<td>{escape(render.threshold_value_text(r) + empty)}</td></tr>')
+                    f'<td>{escape(observed)}</td></tr>')
     return ('<div class="card table-card"><table class="data"><thead><tr>'
             '<th class="l">result</th><th class="l">metric</th><th class="l">threshold</th>'
             f'<th>observed</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
@@ -497,11 +507,9 @@ def render_html(report: Report) -> str:
     meta_html = "".join(f"<span>{escape(k)} <b>{escape(v)}</b></span>" for k, v in meta)
     verdict = ""
     if report.thresholds:
-        failed = sum(1 for r in report.thresholds if not r.ok)
-        total = len(report.thresholds)
-        verdict = (f'<div class="verdict fail">✗ {failed} of {total} thresholds failed</div>'
-                   if failed else f'<div class="verdict pass">✓ all {total} thresholds '
-                                  f'passed</div>')
+        summary = escape(render.thresholds_summary(report))
+        verdict = (f'<div class="verdict pass">✓ {summary}</div>' if report.passed
+                   else f'<div class="verdict fail">✗ {summary}</div>')
     sections = [
         f'<header><div><h1>{escape(title)}</h1><div class="meta">{meta_html}</div></div>'
         f"{verdict}</header>",

@@ -17,9 +17,10 @@ import asyncpg
 import orjson
 
 from common import digest
+from td_report.band import APPROXIMATE_METHODS, Counts
 from td_report.database import Extent, GeneratorInfo, Reader, ReportError, Series
 from td_report.generators import sample_span
-from td_report.summary import CounterAccumulator, CounterStats, Selected, TrendAccumulator, observe
+from td_report.summary import CounterAccumulator, CounterStats, Selected, TrendAccumulator, judge
 from td_report.thresholds import Tags, Threshold, ThresholdError, check_applicable, matches
 
 CHART_QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -37,18 +38,33 @@ class Selection:
     quantiles: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)
     thresholds: tuple[Threshold, ...] = ()
     per_bucket: bool = False  # charts need each bucket's figures
+    strict: bool = False  # --strict-thresholds: a verdict too close to call fails
 
 
 @dataclass(frozen=True)
 class ThresholdResult:
     threshold: Threshold
     kind: str
-    value: float
+    value: float  # the observed figure
     samples: int
+    decided: bool = True  # False: the exact figure may be on either side of the bound
+    counts: Counts | None = None  # percentiles: the rank interval of the bound
+    strict: bool = False  # --strict-thresholds
+
+    @property
+    def holds(self) -> bool:
+        """Whether the observed figure satisfies the threshold (k6's verdict)."""
+        return self.threshold.expression.holds(self.value)
+
+    @property
+    def too_close(self) -> bool:
+        return not self.decided
 
     @property
     def ok(self) -> bool:
-        return self.threshold.expression.holds(self.value)
+        """The verdict that counts: k6's, except that with --strict-thresholds a verdict
+        too close to call fails."""
+        return self.holds and (self.decided or not self.strict)
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,11 @@ class Report:
     @property
     def passed(self) -> bool:
         return all(r.ok for r in self.thresholds)
+
+    @property
+    def too_close(self) -> int:
+        """How many verdicts are too close to call."""
+        return sum(1 for r in self.thresholds if r.too_close)
 
     def all_quantiles(self) -> tuple[float, ...]:
         return tuple(sorted(set(self.selection.quantiles) | set(K6_QUANTILES)))
@@ -195,9 +216,10 @@ async def _build(reader: Reader, selection: Selection) -> Report:
             f"{','.join(f'{k}={v}' for k, v in selection.where)} in the selected window")
     for threshold in selection.thresholds:
         selected = report.submetrics[(threshold.metric, threshold.tags)]
-        value = observe(threshold.expression, selected, report.span_seconds)
-        report.thresholds.append(ThresholdResult(threshold, selected.kind, value,
-                                                 selected.samples))
+        verdict = judge(threshold.expression, selected, report.span_seconds)
+        report.thresholds.append(ThresholdResult(
+            threshold, selected.kind, verdict.value, selected.samples, verdict.decided,
+            verdict.counts, selection.strict))
     return report
 
 
@@ -241,6 +263,10 @@ class _Feeder:
                 report.submetrics[key] = selected
                 self.submetrics.setdefault(threshold.metric, []).append((threshold.tags,
                                                                          selected))
+            selected = report.submetrics[key]
+            if (selected.trend is not None
+                    and threshold.expression.method in APPROXIMATE_METHODS):
+                selected.trend.watch(threshold.expression.bound)
         self.per_bucket = report.selection.per_bucket
         self.point_key: tuple[str, float] | None = None
         self.point_seconds = 0

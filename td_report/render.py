@@ -135,19 +135,69 @@ def threshold_value_text(result: ThresholdResult) -> str:
     return f"{label}={fmt_number(result.value)}"
 
 
-def _marks(stream: IO[str]) -> tuple[str, str]:
+def _marks(stream: IO[str]) -> tuple[str, str, str]:
+    """(pass, fail, too close to call) marks the stream can print."""
     encoding = getattr(stream, "encoding", None) or "ascii"
     try:
-        "✓✗".encode(encoding)
+        "✓✗≈".encode(encoding)
     except (UnicodeEncodeError, LookupError):
-        return "ok  ", "FAIL"
-    return "✓", "✗"
+        return "ok  ", "FAIL", "~"
+    return "✓", "✗", "≈"
+
+
+def _percent_label(fraction: float, digits: int) -> str:
+    """0.94871 -> 'p(94.87)' with 2 digits; 0.95 -> 'p(95)'."""
+    text = f"{fraction * 100:.{digits}f}".rstrip("0").rstrip(".")
+    return f"p({text})"
+
+
+def band_text(result: ThresholdResult) -> str:
+    """'bound between p(94.87) and p(95.12)': the share of samples below the bound, as far
+    as the digests tell; empty for exact figures."""
+    counts = result.counts
+    if counts is None or not counts.n:
+        return ""
+    low, high = counts.share
+    digits = 2
+    # Enough digits that the interval reads as one around the percentile asked for.
+    while digits < 6 and _percent_label(low, digits) == _percent_label(high, digits):
+        digits += 1
+    return f"bound between {_percent_label(low, digits)} and {_percent_label(high, digits)}"
+
+
+def too_close_text(result: ThresholdResult, mark: str = "≈") -> str:
+    """'≈ too close to call: bound between p(94.87) and p(95.12)', or ''."""
+    if result.decided:
+        return ""
+    where = band_text(result)
+    strict = " (fails: --strict-thresholds)" if result.strict else ""
+    return f"{mark} too close to call{strict}" + (f": {where}" if where else "")
+
+
+def thresholds_summary(report: Report) -> str:
+    """'all 3 thresholds passed' or '1 of 3 thresholds failed', and how many verdicts
+    were too close to call."""
+    failed = sum(1 for r in report.thresholds if not r.ok)
+    total = len(report.thresholds)
+    text = (f"{failed} of {total} thresholds failed" if failed
+            else f"all {total} thresholds passed")
+    close = report.too_close
+    if close:
+        text += f"; {close} too close to call"
+        passing = sum(1 for r in report.thresholds if r.too_close and r.holds)
+        if report.selection.strict:
+            text += ", failed by --strict-thresholds"
+        elif passing == close:
+            text += f" (--strict-thresholds would fail {'it' if close == 1 else 'them'})"
+        elif passing:
+            text += f" (--strict-thresholds would fail {passing} of them)"
+    return text
 
 
 def threshold_lines(report: Report, stream: IO[str]) -> list[str]:
     if not report.thresholds:
         return []
-    good, bad = _marks(stream)
+    good, bad, close = _marks(stream)
     lines = ["THRESHOLDS (over all generators of the run)"]
     current = None
     for result in sorted(report.thresholds, key=lambda r: r.threshold.selector):
@@ -156,12 +206,11 @@ def threshold_lines(report: Report, stream: IO[str]) -> list[str]:
             lines.append(f"  {current}")
         mark = good if result.ok else bad
         empty = "  (no samples)" if not result.samples else ""
+        doubt = too_close_text(result, close)
         lines.append(f"    {mark} '{result.threshold.expression.text}' "
-                     f"{threshold_value_text(result)}{empty}")
-    failed = sum(1 for r in report.thresholds if not r.ok)
-    total = len(report.thresholds)
-    lines.append(f"  {failed} of {total} thresholds failed" if failed
-                 else f"  all {total} thresholds passed")
+                     f"{threshold_value_text(result)}{empty}"
+                     + (f"  {doubt}" if doubt else ""))
+    lines.append(f"  {thresholds_summary(report)}")
     return lines
 
 
@@ -312,11 +361,26 @@ def metric_dict(report: Report, selected: Selected) -> dict[str, Any]:
     return entry
 
 
+def band_dict(result: ThresholdResult) -> dict[str, Any] | None:
+    """The rank interval of the bound: the share of samples certainly below it (low) and
+    possibly at or below it (high), with the underlying sample counts."""
+    counts = result.counts
+    if counts is None:
+        return None
+    low, high = counts.share
+    return {"kind": "rank of the bound", "low": low, "high": high,
+            "below": [counts.below_lo, counts.below_hi],
+            "at_or_below": [counts.at_or_below_lo, counts.at_or_below_hi],
+            "samples": counts.n}
+
+
 def threshold_dict(result: ThresholdResult) -> dict[str, Any]:
     th = result.threshold
     return {"metric": th.metric, "tags": dict(th.tags), "selector": th.selector,
             "threshold": th.expression.text, "method": th.expression.method_label,
-            "value": result.value, "samples": result.samples, "ok": result.ok}
+            "value": result.value, "observed": result.value, "samples": result.samples,
+            "holds": result.holds, "decided": result.decided, "band": band_dict(result),
+            "ok": result.ok}
 
 
 def generator_dict(g: GeneratorInfo) -> dict[str, Any]:
@@ -359,6 +423,8 @@ def report_dict(report: Report) -> dict[str, Any]:
     if sel.by:
         data["groups"] = [metric_dict(report, s) for s in ordered(report.groups.values())]
     data["thresholds"] = [threshold_dict(r) for r in report.thresholds]
+    data["strict_thresholds"] = sel.strict
+    data["too_close"] = report.too_close
     data["passed"] = report.passed
     return data
 

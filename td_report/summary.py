@@ -12,7 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from common import digest
+from td_report import band
 from td_report.thresholds import Expression
 
 # Stored digests are compressed together once this many centroids are pending, so that
@@ -49,7 +52,8 @@ class CounterStats:
 
 
 class TrendAccumulator:
-    __slots__ = ("count", "total", "lo", "hi", "zeros", "parts", "pending", "_merged")
+    __slots__ = ("count", "total", "lo", "hi", "zeros", "parts", "pending", "_merged",
+                 "bounds", "_counts")
 
     def __init__(self) -> None:
         self.count = 0
@@ -60,6 +64,26 @@ class TrendAccumulator:
         self.parts: list[digest.Centroids] = []
         self.pending = 0
         self._merged: digest.Centroids | None = None
+        # Threshold bounds whose rank interval is summed row by row (td_report.band),
+        # before any compression; rows: below least/most, at or below least/most.
+        self.bounds: list[float] = []
+        self._counts = np.zeros((4, 0))
+
+    def watch(self, bound: float) -> None:
+        """Keep the rank interval of ``bound`` (call before the first row)."""
+        if self.count:
+            raise RuntimeError("watch() after rows were added")
+        if bound not in self.bounds:
+            self.bounds.append(bound)
+            self._counts = np.zeros((4, len(self.bounds)))
+
+    def counts(self, bound: float) -> band.Counts:
+        """How many samples are below and at or below a watched bound, as far as the
+        rows' digests, zeros, min and max tell."""
+        if bound not in self.bounds:
+            raise KeyError(f"the bound {bound!r} was not watched before the rows were added")
+        column = self._counts[:, self.bounds.index(bound)]
+        return band.Counts(self.count, *(float(x) for x in column))
 
     def add(self, count: int, total: float, lo: float, hi: float, zeros: int,
             centroids: digest.Centroids) -> None:
@@ -68,6 +92,9 @@ class TrendAccumulator:
         self.lo = min(self.lo, lo)
         self.hi = max(self.hi, hi)
         self.zeros += zeros
+        if self.bounds:
+            self._counts += np.array(band.part_count_arrays(centroids, self.bounds, lo, hi,
+                                                            zeros, count))
         if len(centroids):
             self.parts.append(centroids)
             self.pending += len(centroids)
@@ -176,6 +203,34 @@ class Selected:
             return self.trend.count
         assert self.counter is not None
         return self.counter.samples
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A threshold judged on the merged figures.
+
+    ``value`` is the observed figure and ``holds`` whether it satisfies the threshold,
+    as k6 judges it. ``decided``: the exact figure is certainly on the same side (always
+    for exact methods; for a percentile, when the rank interval of the bound in
+    ``counts`` leaves no doubt and agrees with the estimate); otherwise the verdict is
+    too close to call.
+    """
+
+    value: float
+    holds: bool
+    decided: bool
+    counts: band.Counts | None = None  # percentiles of a non-empty trend
+
+
+def judge(expression: Expression, selected: Selected, span_seconds: float) -> Verdict:
+    """Observe the figure and say how sure the verdict is (``watch`` the bound first)."""
+    value = observe(expression, selected, span_seconds)
+    holds = expression.holds(value)
+    acc = selected.trend
+    if acc is None or expression.method not in band.APPROXIMATE_METHODS or not acc.count:
+        return Verdict(value, holds, True)
+    counts = acc.counts(expression.bound)
+    return Verdict(value, holds, band.certain(expression, counts) == holds, counts)
 
 
 def observe(expression: Expression, selected: Selected, span_seconds: float) -> float:

@@ -429,6 +429,53 @@ def test_thresholds_pass_and_fail_as_on_raw_samples(data: Data) -> None:
     assert "1 of 2 thresholds failed" in done.stdout
 
 
+@pytest.mark.parametrize("run", [SOLO, MULTI])
+def test_verdicts_say_how_sure_they_are(data: Data, run: str) -> None:
+    """Bounds at the exact percentiles of the raw samples (and 0.1 % off): every band
+    holds the exact share of samples below the bound, a decided verdict is the exact
+    one, and --strict-thresholds fails exactly the verdicts too close to call."""
+    values = np.sort(samples(data, run, "http_req_duration"))
+    thresholds: list[tuple[str, bool]] = []  # (threshold, exact verdict)
+    for pct in (50, 90, 95, 99):
+        exact = float(np.quantile(values, pct / 100))
+        for bound in (exact, exact * 0.999, exact * 1.001):
+            for op, holds in (("<", exact < bound), ("<=", exact <= bound),
+                              (">", exact > bound), (">=", exact >= bound)):
+                thresholds.append((f"http_req_duration: p({pct}){op}{bound!r}", holds))
+    args = [a for t, _ in thresholds for a in ("--threshold", t)]
+    results = {}
+    for strict in (False, True):
+        flags = ["--strict-thresholds"] if strict else []
+        done = td_report(data, "--run-id", run, *args, *flags, "--json")
+        assert done.returncode in (0, 99), done.stderr
+        report = json.loads(done.stdout)
+        assert report["strict_thresholds"] is strict
+        assert (done.returncode == 0) is report["passed"]
+        assert report["too_close"] == sum(not r["decided"] for r in report["thresholds"])
+        for (text, exact_holds), result in zip(thresholds, report["thresholds"], strict=True):
+            assert f"{result['selector']}: {result['threshold']}" == text
+            assert result["observed"] == result["value"]
+            bound = float(text.split("<")[-1].split(">")[-1].lstrip("="))
+            band = result["band"]
+            assert band["samples"] == len(values)
+            below = np.searchsorted(values, bound, "left")
+            at_or_below = np.searchsorted(values, bound, "right")
+            assert band["below"][0] <= below <= band["below"][1], (text, band)
+            assert band["at_or_below"][0] <= at_or_below <= band["at_or_below"][1], (text, band)
+            if result["decided"]:
+                assert result["holds"] is exact_holds, text
+            assert result["ok"] is (result["holds"] and (result["decided"] or not strict))
+        results[strict] = (done, report)
+    plain, report = results[False]
+    close = report["too_close"]
+    assert close > 0  # bounds at the exact values cannot all be decided
+    assert f"{close} too close to call (--strict-thresholds would fail" in plain.stderr
+    assert "≈ too close to call: bound between p(" in plain.stderr
+    strict_done, _ = results[True]
+    assert strict_done.returncode == 99
+    assert f"{close} too close to call, failed by --strict-thresholds" in strict_done.stderr
+
+
 def test_threshold_on_empty_submetric_reads_zero_as_k6(data: Data) -> None:
     report = report_json(
         data, "--run-id", SOLO, "--threshold", "http_req_duration{name:nothing}: p(95)<1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 
 from common import digest
-from td_report import html
+from td_report import html, render
+from td_report.band import Counts
+from td_report.database import Extent
+from td_report.query import Report, Selection, ThresholdResult
 from td_report.summary import CounterAccumulator, Selected, TrendAccumulator, observe
 from td_report.thresholds import (
     ThresholdError,
@@ -223,3 +227,101 @@ def test_axis_ticks_are_round() -> None:
     assert html.axis_label_duration(1500) == "1.5s"
     assert html.axis_label_duration(0.25) == "250µs"
     assert math.isclose(html._nice_step(7, 7), 1)
+
+
+# --- verdicts too close to call ---------------------------------------------------------
+
+def _verdicts(strict: bool) -> Report:
+    """Two thresholds of one trend: one decided, one whose bound holds between 94.87 %
+    and 95.12 % of 10,000 samples below it (too close to call for p(95))."""
+    near = parse_threshold("huge_range: p(95)<173573014")
+    far = parse_threshold("huge_range: p(50)<1e9")
+    results = [
+        ThresholdResult(near, "trend", 173412345.0, 10_000, decided=False,
+                        counts=Counts(10_000, 9487.0, 9490.0, 9490.0, 9512.0), strict=strict),
+        ThresholdResult(far, "trend", 3.2e7, 10_000, decided=True,
+                        counts=Counts(10_000, 9990.0, 9992.0, 9990.0, 9992.0), strict=strict),
+    ]
+    selection = Selection(run_id="r", thresholds=(near, far), strict=strict)
+    report = Report(selection, Extent(0.0, 10.0, 1, (10,)), 0.0, 10.0, {"huge_range": "trend"},
+                    ())
+    report.thresholds = results
+    report.submetrics[("huge_range", ())] = Selected.new("huge_range", "trend")
+    return report
+
+
+class _Stream(io.StringIO):
+    def __init__(self, encoding: str) -> None:
+        super().__init__()
+        self._encoding = encoding
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._encoding
+
+
+def test_too_close_to_call_is_marked_but_passes_by_default() -> None:
+    report = _verdicts(strict=False)
+    assert report.passed
+    assert report.too_close == 1
+    lines = render.threshold_lines(report, _Stream("utf-8"))
+    near = next(line for line in lines if "p(95)<173573014" in line)
+    assert near.lstrip().startswith("✓")
+    assert near.endswith("≈ too close to call: bound between p(94.87) and p(95.12)")
+    far = next(line for line in lines if "p(50)<1e9" in line)
+    assert "too close" not in far
+    assert lines[-1] == ("  all 2 thresholds passed; 1 too close to call "
+                         "(--strict-thresholds would fail it)")
+    ascii_lines = render.threshold_lines(report, _Stream("ascii"))
+    assert any(line.endswith("~ too close to call: bound between p(94.87) and p(95.12)")
+               and line.lstrip().startswith("ok") for line in ascii_lines)
+
+
+def test_strict_thresholds_fail_verdicts_too_close_to_call() -> None:
+    report = _verdicts(strict=True)
+    assert not report.passed
+    near, far = report.thresholds
+    assert (near.holds, near.decided, near.ok) == (True, False, False)
+    assert (far.holds, far.decided, far.ok) == (True, True, True)
+    lines = render.threshold_lines(report, _Stream("utf-8"))
+    line = next(line for line in lines if "p(95)<173573014" in line)
+    assert line.lstrip().startswith("✗")
+    assert "too close to call (fails: --strict-thresholds)" in line
+    assert lines[-1] == ("  1 of 2 thresholds failed; 1 too close to call, failed by "
+                         "--strict-thresholds")
+    # k6's summary export says the threshold was crossed.
+    assert render.k6_summary(report, False)["metrics"]["huge_range"]["thresholds"] == {
+        "p(95)<173573014": True, "p(50)<1e9": False}
+
+
+def test_json_carries_observed_value_band_and_decision() -> None:
+    for strict in (False, True):
+        data = render.report_dict(_verdicts(strict))
+        near, far = data["thresholds"]
+        assert near["observed"] == near["value"] == 173412345.0
+        assert (near["holds"], near["decided"], near["ok"]) == (True, False, not strict)
+        assert near["band"]["kind"] == "rank of the bound"
+        assert near["band"]["low"] == pytest.approx(0.9487)
+        assert near["band"]["high"] == pytest.approx(0.9512)
+        assert near["band"]["below"] == [9487.0, 9490.0]
+        assert near["band"]["at_or_below"] == [9490.0, 9512.0]
+        assert near["band"]["samples"] == 10_000
+        assert (far["decided"], far["ok"]) == (True, True)
+        assert data["strict_thresholds"] is strict
+        assert data["too_close"] == 1
+        assert data["passed"] is not strict
+    exact = ThresholdResult(parse_threshold("t: avg<1"), "trend", 0.5, 3)
+    assert render.threshold_dict(exact)["band"] is None
+    assert render.threshold_dict(exact)["decided"] is True
+
+
+def test_html_badges_a_verdict_too_close_to_call() -> None:
+    for strict in (False, True):
+        text = html.render_html(_verdicts(strict))
+        assert text.count('<span class="badge close"') == 1
+        assert ">too close to call</span>" in text
+        assert "(bound between p(94.87) and p(95.12))" in text
+        if strict:
+            assert '<div class="verdict fail">✗ 1 of 2 thresholds failed; 1 too close' in text
+        else:
+            assert '<div class="verdict pass">✓ all 2 thresholds passed; 1 too close' in text
