@@ -16,9 +16,9 @@ decided by it (the exact percentile is certainly on one side of B) or too close 
 - A digest merged from several (td-server merges the partials of a bucket's generators,
   in one pass or in several) groups *centroids* consecutively, and a centroid of one
   part may spread past the means of its new neighbours, which come from other parts. No
-  envelope is then provable from means and weights alone; the rules ``MERGED`` (the 2nd
+  envelope is then provable from means and weights alone; the rules ``MERGED`` (the 3rd
   distinct mean away, counting only centroids of more than one sample, which other
-  parts' single samples do not push closer; the refinement below with the 4th) and
+  parts' single samples do not push closer; the refinement below over the 4th) and
   ``MERGED_MASSES`` (the 3rd, and on to a nearby point mass, without the refinement; for
   digests in which heavy centroids share a mean) are wide enough for every case
   ``tests/test_verdict_bands.py`` and ``scripts/verdict_accuracy.py --bands`` try:
@@ -89,7 +89,7 @@ class Rule:
 ONE_PASS = Rule(reach=1, mass_reach=0, refine=True, distinct=False)
 # Merged from several digests: measured (tests/test_verdict_bands.py), not proven; wider
 # where the digest shows point masses (a mean that several heavy centroids share).
-MERGED = Rule(reach=2, mass_reach=0, refine=True, distinct=True, refine_reach=4)
+MERGED = Rule(reach=3, mass_reach=0, refine=True, distinct=True, refine_reach=4)
 MERGED_MASSES = Rule(reach=3, mass_reach=8, refine=False, distinct=True)
 
 
@@ -164,6 +164,7 @@ def has_masses(means: Floats, weights: Floats) -> bool:
 
 
 def choose_rule(means: Floats, weights: Floats) -> Rule:
+    """The proven rule for a one-pass digest, else a measured one."""
     if is_one_pass(weights):
         return ONE_PASS
     return MERGED_MASSES if has_masses(means, weights) else MERGED
@@ -214,9 +215,8 @@ def envelopes(means: Floats, weights: Floats, lo: float, hi: float, rule: Rule
             above_at = np.where(~on_mass & (mass_above <= above_first + rule.mass_reach - 1),
                                 np.maximum(above_at, mass_above), above_at)
     d = len(anchors)
-    distinct = anchors
-    below = np.where(below_at >= 0, distinct[np.clip(below_at, 0, d - 1)], lo)
-    above = np.where(above_at < d, distinct[np.clip(above_at, 0, d - 1)], hi)
+    below = np.where(below_at >= 0, anchors[np.clip(below_at, 0, d - 1)], lo)
+    above = np.where(above_at < d, anchors[np.clip(above_at, 0, d - 1)], hi)
     np.maximum(below, lo, out=below)
     np.minimum(above, hi, out=above)
     slack = _RELATIVE_SLACK * np.maximum(np.maximum(np.abs(below), np.abs(above)),
@@ -240,7 +240,8 @@ def part_count_arrays(centroids: Floats, bounds: Sequence[float] | Floats, lo: f
                       hi: float, zeros: int, count: int, rule: Rule | None = None
                       ) -> tuple[Floats, Floats, Floats, Floats]:
     """``part_counts`` as four arrays (below: least, most; at or below: least, most),
-    one entry per bound. ``rule``: ONE_PASS or MERGED as the weights show, by default."""
+    one entry per bound. ``rule``: by default ``choose_rule`` (ONE_PASS, MERGED or
+    MERGED_MASSES, as the weights and means show)."""
     x = np.asarray(bounds, dtype=np.float64)
     if not count:
         zero = np.zeros(len(x))
