@@ -255,6 +255,19 @@ class ForwarderConfig:
         1024 * 1024 * 1024, _positive_int,
         "size limit of each server's spool file; when memory and spool are both full, "
         "input reading pauses (k6 waits)", "BYTES")
+    local_thresholds: bool = _field(
+        False, _bool,
+        "under '-- k6 run': let each k6 judge its thresholds on its own share of the load "
+        "(k6's default alone); without it the servers judge them over all generators",
+        "true|false")
+    strict_thresholds: bool = _field(
+        False, _bool,
+        "a global percentile verdict too close to call (the merged digests cannot tell on "
+        "which side of the bound the exact value is) fails, and may abort", "true|false")
+    verdict_timeout: float = _field(
+        300.0, _positive_float,
+        "after k6 ends, how long to wait for the final global verdict (every generator "
+        "ended and written); then exit 4", "SECONDS")
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 

@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from common import protocol
+from common.live_thresholds import parse_items
 from common.wal import WalWriteError, segment_of
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class Connection:
             return
         finally:
             self._set_buffered(0)
+            self.server.unwatch(self)
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
@@ -168,6 +170,12 @@ class Connection:
                 return self._handle_hello(protocol.unpack(body, protocol.HELLO_UNPACK))
             message = protocol.unpack(body, server.unpack_limits)
             producer = self.hello.producer
+            if message.get("type") == "thresholds":
+                thresholds = parse_items(protocol.parse_thresholds(message))
+                latest = server.watch(self, self.hello.run_id, thresholds)
+                if latest is not None:
+                    self.writer.write(latest)
+                return 0
             if message.get("type") == "generator":
                 generator = protocol.parse_generator(message, server.limits)
                 seq = generator.seq

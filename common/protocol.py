@@ -178,6 +178,47 @@ def generator(g: Generator) -> bytes:
     return frame(message)
 
 
+MAX_THRESHOLDS = 1000
+MAX_THRESHOLD_TEXT = 1024
+
+
+def thresholds(items: list[tuple[str, bool, float]]) -> bytes:
+    """The run's thresholds as this forwarder's k6 sees them: ``[text, abort_on_fail,
+    delay_abort_eval seconds]`` each, ``text`` being ``metric{k:v}: p(95)<500``. Sent
+    after every welcome; neither numbered nor logged: the forwarder says it again on every
+    connection, so a restarted server learns it again."""
+    return frame({"type": "thresholds", "items": [list(item) for item in items]})
+
+
+def parse_thresholds(message: dict[str, Any]) -> list[tuple[str, bool, float]]:
+    """Shape only; the server parses each text with td_report.thresholds."""
+    items = message.get("items")
+    if not isinstance(items, list) or len(items) > MAX_THRESHOLDS:
+        raise Refused("bad_field", f"thresholds: items must be a list of at most "
+                      f"{MAX_THRESHOLDS}")
+    result = []
+    for item in items:
+        if (not isinstance(item, list) or len(item) != 3 or type(item[1]) is not bool):
+            raise Refused("bad_field", "thresholds: each item is [text, abort_on_fail, "
+                          "delay_abort_eval]")
+        text = _text(item[0], "threshold", MAX_THRESHOLD_TEXT)
+        delay = _finite(item[2], "delay_abort_eval")
+        if delay < 0:
+            raise Refused("bad_field", "thresholds: delay_abort_eval must not be negative")
+        result.append((text, item[1], delay))
+    return result
+
+
+def verdicts(run_id: str, through: float | None, final: bool,
+             results: list[dict[str, Any]]) -> bytes:
+    """A server's verdicts on the run's thresholds of its metrics, over every generator,
+    cumulative from the run's start up to ``through`` (the end of the latest bucket it
+    has written; None before any). ``final``: every generator of the run has ended and
+    this server has written all of their buckets."""
+    return frame({"type": "verdicts", "run": run_id, "through": through, "final": final,
+                  "results": results})
+
+
 def data_body(seq: int, items: list[Any]) -> bytes:
     """A data frame's body without the length prefix (``items`` may be empty here)."""
     body: bytes = msgpack.packb({"type": "data", "seq": seq, "items": items},

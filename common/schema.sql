@@ -121,3 +121,29 @@ CREATE TABLE IF NOT EXISTS generators (
     non_td_written_at  timestamptz,
     PRIMARY KEY (run_id, producer)
 );
+
+-- Every evaluation of a run's global thresholds, appended each time a server has written
+-- buckets of the run: over all generators, cumulative from the run's start up to
+-- `through` (the end of the latest stored bucket). td-server judges the trend methods,
+-- non-td-server count, rate and value. `final`: every generator had ended and this
+-- server had written all of their buckets. rank_low..rank_high: for a percentile, the
+-- share of samples certainly below the bound and possibly at or below it.
+CREATE TABLE IF NOT EXISTS threshold_evaluations (
+    run_id         text             NOT NULL,
+    role           text             NOT NULL,
+    threshold      text             NOT NULL,
+    evaluated_at   timestamptz      NOT NULL,
+    through        timestamptz,
+    final          boolean          NOT NULL,
+    verdict        text             NOT NULL,
+    ok             boolean          NOT NULL,
+    decided        boolean          NOT NULL,
+    observed       double precision,
+    samples        bigint           NOT NULL,
+    rank_low       double precision,
+    rank_high      double precision,
+    abort_on_fail  boolean          NOT NULL,
+    note           text
+);
+CREATE INDEX IF NOT EXISTS threshold_evaluations_run
+    ON threshold_evaluations (run_id, evaluated_at);

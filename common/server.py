@@ -25,11 +25,13 @@ from common.config import ConfigError, ServerConfig
 from common.connection import Connection
 from common.generators import GeneratorLedger
 from common.group_commit import GroupCommit
+from common.live_thresholds import LiveThresholds
 from common.notify import notify, watchdog_interval
 from common.quarantine import QUARANTINE_FILE, Quarantine
 from common.selfmetrics import Histogram, MetricsEndpoint, exposition
 from common.sink import PgSink, ensure_schema
 from common.wal import WriteAheadLog, segment_of
+from td_report.thresholds import Threshold
 
 log = logging.getLogger("tdagg.server")
 
@@ -138,6 +140,8 @@ class AggregatorServer:
         # (first segment, last position) to rebuild each from once it is back.
         self.spilled: dict[BucketKey, tuple[int, int]] = {}
         self.generators = GeneratorLedger(config.bucket_seconds)
+        self.live = LiveThresholds(aggregator.role, self._push_verdicts)
+        self.watchers: dict[str, set[Connection]] = {}  # run -> connections that judge it
         self.series: dict[str, set[tuple[str, Any]]] = {}
         self.series_seen: dict[str, float] = {}
         self.stats = Stats()
@@ -230,6 +234,28 @@ class AggregatorServer:
                 f"forwarder at {when}); pass --append to add it a second time, or use "
                 "another --run-id")
 
+    def watch(self, conn: Connection, run_id: str, thresholds: list[Threshold]
+              ) -> bytes | None:
+        """``conn``'s forwarder wants the run's verdicts; return the latest, if any."""
+        self.watchers.setdefault(run_id, set()).add(conn)
+        return self.live.declare(run_id, thresholds)
+
+    def unwatch(self, conn: Connection) -> None:
+        if conn.hello is None:
+            return
+        run_id = conn.hello.run_id
+        watching = self.watchers.get(run_id)
+        if watching is not None:
+            watching.discard(conn)
+            if not watching:  # its forwarders say the thresholds again when they return
+                del self.watchers[run_id]
+                self.live.forget(run_id)
+
+    def _push_verdicts(self, run_id: str, frame: bytes) -> None:
+        for conn in self.watchers.get(run_id, ()):
+            if not conn.writer.is_closing():
+                conn.writer.write(frame)
+
     def note_cap(self, cap: str, detail: str) -> None:
         """Count a limit that was hit; say so at most once a minute per limit."""
         self.stats.caps_hit[cap] += 1
@@ -310,10 +336,11 @@ class AggregatorServer:
         if self.wal.torn_tail is not None:
             log.warning("write-ahead log: %s", self.wal.torn_tail)
         self._fit_connections_to_files()
-        self._pool = await asyncpg.create_pool(self.dsn or None, min_size=1, max_size=2)
+        self._pool = await asyncpg.create_pool(self.dsn or None, min_size=1, max_size=3)
         async with self._pool.acquire() as conn:
             await ensure_schema(conn)
         self._sink = PgSink(self._pool, self.aggregator, self.config.bucket_seconds)
+        self.live.start(self._pool)
         await self._replay(records)
         # A new or wiped state directory must still log at positions above every row's.
         stored_max = await self._sink.max_position()
@@ -556,6 +583,7 @@ class AggregatorServer:
             log.warning("late data: merged into %d already written bucket rows", late)
         if self.spilled and len(self.closing) < self.config.max_queued_buckets:
             await self._restore_spilled()
+        self.live.written({key[0] for key in batch})
         await self._write_generators()
         self._release_log()
         return True
@@ -578,6 +606,7 @@ class AggregatorServer:
         if done:
             try:
                 await self._sink.mark_written(done)
+                self.live.written({run_id for run_id, _ in done})
             except Exception as exc:
                 for key in done:
                     self.generators.ended[key] = (None, self.wal.segment)
@@ -721,6 +750,7 @@ class AggregatorServer:
                       "row is written, so nothing is lost", self.wal.directory, exc)
         if self.metrics is not None:
             await self.metrics.close()
+        await self.live.close()
         if self._pool is not None:
             await self._pool.close()
 

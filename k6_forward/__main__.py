@@ -28,6 +28,10 @@ from common.config import ConfigError, ForwarderConfig, load
 from k6_forward.child import FORWARDED_SIGNALS, ChildError, K6Child, script_of
 from k6_forward.lines import LineAggregator
 from k6_forward.link import LinkRefused, ServerLink
+from k6_forward.thresholds import InspectFailed, check_tags, with_no_thresholds
+from k6_forward.thresholds import load as inspect_thresholds
+from k6_forward.verdicts import EXIT_THRESHOLDS_FAILED, GlobalVerdicts
+from td_report.thresholds import Threshold, ThresholdError, parse_threshold
 
 CHUNK_BYTES = 1 << 20
 FINGERPRINT_BYTES = 64 * 1024
@@ -35,6 +39,10 @@ FINGERPRINT_BYTES = 64 * 1024
 # lines that were not samples of k6's JSON, or samples the servers refused.
 EXIT_INCOMPLETE = 3
 IDLE_FLUSH_SECONDS = 2.0
+# No final global verdict in --verdict-timeout: not every generator had ended and been
+# written (as td-report --wait's timeout).
+EXIT_NO_VERDICT = 4
+K6_EXIT_INTERRUPTED = 105  # k6 stopped by a signal: ours, on a global abortOnFail
 
 DESCRIPTION = """\
 Forward k6's metrics to td-server and non-td-server.
@@ -187,6 +195,7 @@ class Forwarder:
         self.config = config
         tag_keys = tuple(k.strip() for k in config.tags.split(",") if k.strip())
         check_tag_keys(tag_keys, protocol.Limits())
+        self.tag_keys = tag_keys
         self.lines = LineAggregator(tag_keys, config.bucket_seconds)
         tls, token = client_security(config)
         self.td = ServerLink("td-server", config.td, producer, run_id, protocol.ROLE_TD,
@@ -301,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def extra(parser: Any) -> None:
         parser.add_argument("inputs", nargs="*", metavar="FILE",
                             help="k6 JSON files (.gz accepted); default: standard input")
+        parser.add_argument("--threshold", action="append", default=[], metavar="THRESHOLD",
+                            help="a global threshold 'METRIC[{tag:value}]: EXPRESSION', "
+                                 "judged over all generators besides the script's own "
+                                 "(repeatable)")
         parser.usage = ("%(prog)s [options] -- k6 run [k6 options] SCRIPT\n"
                         "       %(prog)s [options] [FILE ...]")
         parser.epilog = EPILOG
@@ -327,9 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"k6-forward: error: {exc}", file=sys.stderr)
         return 2
     child = K6Child(k6_command) if k6_command else None
+    if child is None and config.local_thresholds:
+        print("k6-forward: error: --local-thresholds applies to the '-- k6 run' form only",
+              file=sys.stderr)
+        return 2
 
     async def go() -> int:
         inputs: list[str | int] = list(args.inputs)
+        try:
+            verdicts = await global_thresholds(forwarder, child, args.threshold)
+        except (ChildError, ThresholdError, OSError) as exc:
+            print(f"k6-forward: error: {exc}", file=sys.stderr)
+            return 2
         if child is not None:
             forwarder.script = script_of(child.argv)
             forwarder.k6_version = await child.version()
@@ -340,11 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             loop = asyncio.get_running_loop()
             for sig in FORWARDED_SIGNALS:
-                loop.add_signal_handler(sig, child.pass_signal, sig)
+                loop.add_signal_handler(sig, on_signal, child, verdicts, sig)
+        final = False
         try:
             await forwarder.run(inputs)
             k6_status = await child.wait() if child is not None else None
             await forwarder.finish(k6_status)
+            if verdicts is not None:
+                final = await wait_final(verdicts, config.verdict_timeout)
         except LinkRefused as exc:
             print(f"k6-forward: error: {exc}", file=sys.stderr)
             return await stop_child(child, 1)
@@ -355,8 +380,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             await forwarder.td.close()
             await forwarder.non_td.close()
         print(forwarder.summary(), file=sys.stderr, flush=True)
-        if k6_status:  # k6's own verdict (99: thresholds, 107: script error...) comes first
+        aborted = verdicts is not None and verdicts.aborted_by is not None
+        if verdicts is not None:
+            print("\n".join(verdicts.lines()), file=sys.stderr, flush=True)
+        if k6_status and not (aborted and k6_status == K6_EXIT_INTERRUPTED):
+            # k6's own status (107: script error, 105: interrupted, ...) comes first
             return k6_status
+        if verdicts is not None:
+            if aborted or (final and verdicts.failed):
+                return EXIT_THRESHOLDS_FAILED
+            if not final:
+                print(f"k6-forward: error: no final global verdict within "
+                      f"{config.verdict_timeout:g} s (--verdict-timeout): not every generator "
+                      f"of the run had ended and been written", file=sys.stderr, flush=True)
+                return EXIT_NO_VERDICT
         if not forwarder.complete:
             print("k6-forward: error: not every sample read was stored (see the counts "
                   "above and the lines reported before them)", file=sys.stderr, flush=True)
@@ -364,6 +401,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return run_loop(go())
+
+
+async def global_thresholds(forwarder: Forwarder, child: K6Child | None,
+                            extra: Sequence[str]) -> GlobalVerdicts | None:
+    """Read the run's thresholds (the script's, by k6 inspect, and --threshold), have the
+    servers judge them over all generators, and run k6 with --no-thresholds."""
+    config = forwarder.config
+    if child is not None and not config.local_thresholds:
+        try:
+            thresholds = await inspect_thresholds(child.argv, extra)
+        except InspectFailed as exc:
+            # k6 run fails the same way (a script that does not compile: k6's message
+            # and status 107), and is recorded as a generator that ran.
+            print(f"k6-forward: 'k6 inspect' cannot read the script's options (exit "
+                  f"{exc.status}); k6 run says why below", file=sys.stderr, flush=True)
+            return None
+    else:
+        thresholds = [parse_threshold(text) for text in extra]
+    if not thresholds:
+        return None
+    check_tags(thresholds, forwarder.tag_keys)
+    if child is not None:
+        child.argv = with_no_thresholds(child.argv)
+
+    def on_abort(threshold: Threshold, result: dict[str, Any]) -> None:
+        observed = result.get("observed")
+        print(f"k6-forward: global threshold {threshold.text!r} failed over all generators "
+              f"(observed {observed!r}) and has abortOnFail: "
+              + ("stopping k6 (its teardown and summary still run)" if child is not None
+                 else "stop the test (k6 reads into a pipe here; this forwarder cannot)"),
+              file=sys.stderr, flush=True)
+        if child is not None and not child.signals_passed:
+            child.pass_signal(signal.SIGINT)
+
+    verdicts = GlobalVerdicts(thresholds, config.strict_thresholds, on_abort)
+    frame = protocol.thresholds([(t.text, t.abort_on_fail, t.delay_abort_eval)
+                                 for t in thresholds])
+    for link, role in ((forwarder.td, protocol.ROLE_TD), (forwarder.non_td,
+                                                          protocol.ROLE_NON_TD)):
+        link.thresholds_frame = frame
+
+        def receive(message: dict[str, Any], role: str = role) -> None:
+            verdicts.receive(role, message)
+
+        link.on_verdicts = receive
+    print(f"k6-forward: {len(thresholds)} thresholds, judged over all generators by the "
+          f"servers" + (" (k6 runs with --no-thresholds)" if child is not None else ""),
+          file=sys.stderr, flush=True)
+    return verdicts
+
+
+def on_signal(child: K6Child, verdicts: GlobalVerdicts | None, sig: int) -> None:
+    """Ctrl-C or SIGTERM goes to k6; once k6 has ended, it stops the wait for the final
+    global verdict instead."""
+    if child.process is not None and child.process.returncode is not None:
+        if verdicts is not None:
+            verdicts.give_up()
+        return
+    child.pass_signal(sig)
+
+
+async def wait_final(verdicts: GlobalVerdicts, limit: float) -> bool:
+    if not verdicts.is_final:
+        print(f"k6-forward: waiting up to {limit:g} s for the final global verdict "
+              f"(every generator of the run ended and written)", file=sys.stderr, flush=True)
+    return await verdicts.wait_final(limit)
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -21,11 +21,15 @@ class ChildError(Exception):
     """The k6 command cannot be started; the message says why and what to do."""
 
 
-def with_json_output(argv: list[str], fd: int) -> list[str]:
-    """``argv`` (``k6 ... run ...``) with ``--out json=/dev/fd/FD`` right after ``run``."""
+def check_run_command(argv: list[str]) -> None:
     if len(argv) < 2 or "run" not in argv[1:]:
         raise ChildError("after -- give the k6 command that runs the test, for example: "
                          "k6-forward --run-id R -- k6 run script.js")
+
+
+def with_json_output(argv: list[str], fd: int) -> list[str]:
+    """``argv`` (``k6 ... run ...``) with ``--out json=/dev/fd/FD`` right after ``run``."""
+    check_run_command(argv)
     at = argv.index("run", 1) + 1
     return [*argv[:at], "--out", f"json=/dev/fd/{fd}", *argv[at:]]
 

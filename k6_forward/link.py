@@ -32,6 +32,7 @@ import sys
 import tempfile
 import traceback
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -126,6 +127,9 @@ class ServerLink:
         self._resumed: asyncio.TimerHandle | None = None
         self._down_since: float | None = None
         self._refused_reasons: set[str] = set()
+        # Global thresholds: said after every welcome; the server's verdicts go here.
+        self.thresholds_frame: bytes | None = None
+        self.on_verdicts: Callable[[dict[str, Any]], None] | None = None
 
     # --- public ----------------------------------------------------------------------
 
@@ -452,6 +456,8 @@ class ServerLink:
         if not isinstance(last_seq, int):
             raise _ProtocolViolation(f"welcome with last_seq {last_seq!r}")
         self._on_ack(last_seq)
+        if self.thresholds_frame is not None:
+            writer.write(self.thresholds_frame)
         self._writer = writer
         self._sent_seq = min(last_seq, self.next_seq - 1)
         if self._down_since is not None:
@@ -494,6 +500,9 @@ class ServerLink:
                     self._items_refused(message.get("seq"), message["items"])
                 else:
                     self._refusal(message.get("seq"), str(reason), str(detail))
+            elif kind == "verdicts":
+                if self.on_verdicts is not None:
+                    self.on_verdicts(message)
             else:
                 raise _ProtocolViolation(f"unexpected {kind!r} frame from the server")
 

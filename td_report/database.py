@@ -10,7 +10,7 @@ there cannot be anything to report.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -282,13 +282,18 @@ class Reader:
         return [GeneratorInfo(**dict(r)) for r in rows]
 
     async def rows(self, table: str, run_id: str, start: datetime | None,
-                   end: datetime | None, where: dict[str, str]) -> AsyncIterator[asyncpg.Record]:
-        """The run's rows of one table overlapping [start, end), ordered by metric, bucket."""
+                   end: datetime | None, where: dict[str, str],
+                   metrics: Sequence[str] | None = None) -> AsyncIterator[asyncpg.Record]:
+        """The run's rows of one table overlapping [start, end), ordered by metric, bucket;
+        only of ``metrics`` when given."""
         if table == "trend_buckets":
             columns = "count, sum, min, max, zeros, digest"
         else:
             columns = "metric_type, value, count, nonzero, min, max, state::text AS state"
         condition, args = _conditions(run_id, start, end, where)
+        if metrics is not None:
+            args.append(list(metrics))
+            condition += f" AND metric = ANY(${len(args)}::text[])"
         sql = (f"SELECT metric, tags::text AS tags, extract(epoch FROM bucket)::float8 AS bucket,"
                f" bucket_seconds, {columns} FROM {table} WHERE {condition}"
                f" ORDER BY metric, bucket")

@@ -39,6 +39,7 @@ class Selection:
     thresholds: tuple[Threshold, ...] = ()
     per_bucket: bool = False  # charts need each bucket's figures
     strict: bool = False  # --strict-thresholds: a verdict too close to call fails
+    metrics: tuple[str, ...] | None = None  # read only these metrics' rows (None: all)
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,8 @@ async def _build(reader: Reader, selection: Selection) -> Report:
     feeder = _Feeder(report)
     where = dict(selection.where)
     for table in ("trend_buckets", "counter_buckets"):
-        async for row in reader.rows(table, run_id, selection.start, selection.end, where):
+        async for row in reader.rows(table, run_id, selection.start, selection.end, where,
+                                     selection.metrics):
             feeder.feed(table, row)
     feeder.finish()
     if not report.rows:

@@ -75,10 +75,26 @@ class Threshold:
     metric: str
     tags: Tags  # the submetric filter, in the order given
     expression: Expression
+    # k6's threshold object form: stop the test once the threshold fails, but not in
+    # its first delay_abort_eval seconds.
+    abort_on_fail: bool = False
+    delay_abort_eval: float = 0.0
 
     @property
     def selector(self) -> str:
         return selector_name(self.metric, self.tags)
+
+    @property
+    def text(self) -> str:
+        """``metric{k:v}: p(95)<500``: names the threshold in verdicts and tables."""
+        return f"{self.selector}: {self.expression.text}"
+
+    @property
+    def role(self) -> str:
+        """The server that holds the metric's rows: ``td`` for trend methods (avg, min,
+        max, med, p(N)), ``non_td`` for count, rate and value."""
+        return "td" if self.expression.method in ("avg", "min", "max", "med", "p") \
+            else "non_td"
 
 
 def selector_name(metric: str, tags: Tags) -> str:
@@ -211,7 +227,9 @@ def from_options(options: Any, source: str) -> list[Threshold]:
         if not isinstance(entries, list):
             raise ThresholdError(f"{source}: thresholds of {name!r} must be a list")
         for entry in entries:
+            abort, delay = False, 0.0
             if isinstance(entry, dict):
+                abort, delay = _abort_fields(entry, f"{source}: {name}")
                 entry = entry.get("threshold")
             if not isinstance(entry, str):
                 raise ThresholdError(
@@ -221,8 +239,48 @@ def from_options(options: Any, source: str) -> list[Threshold]:
                 expression = parse_expression(entry)
             except ThresholdError as exc:
                 raise ThresholdError(f"{source}: {name}: {exc}") from None
-            result.append(Threshold(metric, tags, expression))
+            result.append(Threshold(metric, tags, expression, abort, delay))
     return result
+
+
+def _abort_fields(entry: dict[str, Any], where: str) -> tuple[bool, float]:
+    abort = entry.get("abortOnFail", False)
+    if abort is None:
+        abort = False
+    if not isinstance(abort, bool):
+        raise ThresholdError(f"{where}: abortOnFail must be true or false, not {abort!r}")
+    delay = entry.get("delayAbortEval")
+    try:
+        seconds = 0.0 if delay in (None, "") else parse_duration(delay)
+    except ThresholdError as exc:
+        raise ThresholdError(f"{where}: delayAbortEval: {exc}") from None
+    return abort, seconds
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                 "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds of a k6 duration: ``"10s"``, ``"1m30s"``, ``"500ms"``; a bare number is
+    milliseconds, as in k6's options."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ThresholdError(f"{value!r} is not a duration such as '10s' or '1m30s'")
+    if isinstance(value, int | float):
+        seconds = float(value) / 1000.0
+    else:
+        text = value.strip()
+        if _NUMBER.fullmatch(text):
+            seconds = float(text) / 1000.0
+        else:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ThresholdError(f"{value!r} is not a duration such as '10s' or '1m30s'")
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ThresholdError(f"{value!r} is not a duration such as '10s' or '1m30s'")
+    return seconds
 
 
 def load_file(path: Path) -> list[Threshold]:

@@ -499,7 +499,8 @@ def free_port() -> int:
 
 def recording_k6(directory: Path, log: Path) -> Path:
     """A stand-in for the real k6 that writes each argv it gets to LOG, one JSON list a
-    line, answers `version` like k6 and exits with $FAKE_K6_EXIT."""
+    line, answers `version` like k6, `inspect` with options without thresholds, and
+    otherwise exits with $FAKE_K6_EXIT."""
     fake = directory / "recording-k6"
     fake.write_text(
         f"#!{sys.executable}\n"
@@ -508,6 +509,9 @@ def recording_k6(directory: Path, log: Path) -> Path:
         "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
         "if sys.argv[1:2] == ['version']:\n"
         "    print('k6 v1.1.0 (recording stand-in)')\n"
+        "if sys.argv[1:2] == ['inspect']:\n"
+        "    print(json.dumps({'thresholds': None}))\n"
+        "    sys.exit(0)\n"
         "sys.exit(int(os.environ.get('FAKE_K6_EXIT', '0')))\n")
     fake.chmod(0o755)
     return fake
@@ -672,8 +676,11 @@ async def test_runner_command_reaches_k6_unchanged_under_the_forwarder(
         code, _, err = await run_wrapper(args, named)
         assert code == 0, err
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [c[0] for c in calls] == ["version", "run", "version", "run"]
-    for call in calls[1::2]:
+    assert [c[0] for c in calls] == ["inspect", "version", "run"] * 2
+    for call in calls[0::3]:  # what the run sees, so that its thresholds are the same
+        assert call == ["inspect", "--execution-requirements", "--include-system-env-vars",
+                        "-e", "A=b c", "-e", "", "/test/test.js"]
+    for call in calls[2::3]:
         assert call[0] == "run"
         assert call[1] == "--out"
         assert re.fullmatch(r"json=/dev/fd/\d+", call[2]), call[2]
