@@ -46,7 +46,7 @@ def parse_items(items: Iterable[tuple[str, bool, float]]) -> list[Threshold]:
         try:
             threshold = parse_threshold(text)
         except ThresholdError as exc:
-            raise protocol.Refused("bad_threshold", str(exc)) from None
+            raise protocol.Refused("bad_threshold", f"{text[:200]!r}: {exc}") from None
         result.append(Threshold(threshold.metric, threshold.tags, threshold.expression,
                                 abort, delay))
     return result

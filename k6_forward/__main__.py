@@ -368,7 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             await forwarder.run(inputs)
             k6_status = await child.wait() if child is not None else None
             await forwarder.finish(k6_status)
-            if verdicts is not None:
+            # k6's own failure (a script error, a Ctrl-C) decides the exit status: no
+            # need to wait for the other generators then.
+            own_failure = bool(k6_status) and (verdicts is None or verdicts.aborted_by is None)
+            if verdicts is not None and not own_failure:
                 final = await wait_final(verdicts, config.verdict_timeout)
         except LinkRefused as exc:
             print(f"k6-forward: error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.processes import FIXTURES, http_target, k6_binary, server_process
+from tests.test_k6_child import stored_against_summary
 from tests.utils import fetch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -174,3 +176,26 @@ async def test_a_malformed_threshold_flag_is_a_clear_error(tmp_path: Path) -> No
         assert message in err.decode(), err.decode()
         assert "Traceback" not in err.decode()
         assert not out  # k6 never started
+
+
+async def test_sigint_ends_k6_gracefully_and_its_status_comes_back(dsn: str,
+                                                                   tmp_path: Path) -> None:
+    """Ctrl-C to a forwarder judging global thresholds: k6 stops as it does alone, all it
+    emitted is stored, and the exit status is k6's 105, without waiting for a verdict."""
+    summary = tmp_path / "a.json"
+    async with (
+        http_target() as base,
+        server_process("td_server", dsn, tmp_path, "--grace", str(GRACE)) as td,
+        server_process("non_td_server", dsn, tmp_path, "--grace", str(GRACE)) as non_td,
+    ):
+        process = await generator(base, td.address, non_td.address, "sigint", summary,
+                                  {"RATE": "20", "DUR": "120s"})
+        await asyncio.sleep(6)
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert await td.stop() == 0
+        assert await non_td.stop() == 0
+    assert process.returncode == 105, err.decode()
+    assert "teardown ran" in err.decode()
+    assert "0 lines lost" in err.decode()
+    await stored_against_summary(dsn, "sigint", json.loads(summary.read_text()))
