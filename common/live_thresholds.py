@@ -7,9 +7,12 @@ written buckets of the run; it stores every evaluation in ``threshold_evaluation
 pushes it to the run's connected forwarders, which stop k6 on an ``abortOnFail`` failure
 and exit 99 on a failed final verdict.
 
-Nothing here is state that a restart can lose: verdicts are computed from the stored
-rows (td_report's query engine), and the thresholds come again with every forwarder's
-next connection.
+Evaluation is incremental: per run and threshold, an accumulator (td_report.summary)
+holds everything merged so far, and each successful write adds what it wrote (a new row,
+or the late part merged into a stored one). An accumulator is first built from the
+stored rows, so a restarted server, or a threshold said in the middle of a run, starts
+from what the database holds; nothing here is state a restart can lose. ``write_lock``
+keeps a write's commit and its feed on one side of that first read's snapshot.
 """
 
 from __future__ import annotations
@@ -17,18 +20,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import orjson
 
-from common import protocol
-from td_report.thresholds import Threshold, ThresholdError, check_applicable, parse_threshold
+from common import digest, protocol
+from td_report.band import APPROXIMATE_METHODS
+from td_report.summary import Selected, judge
+from td_report.thresholds import (
+    Threshold,
+    ThresholdError,
+    check_applicable,
+    matches,
+    parse_threshold,
+)
 
 if TYPE_CHECKING:
-    from td_report.query import ThresholdResult
+    from common.aggregate import Aggregator, BucketKey, Entry
 
 log = logging.getLogger("tdagg.thresholds")
 
@@ -37,6 +49,15 @@ INSERT INTO threshold_evaluations (run_id, role, threshold, evaluated_at, throug
     verdict, ok, decided, observed, samples, rank_low, rank_high, abort_on_fail, note)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
 """
+
+# Rows fed between two chances for the event loop to serve connections (each row costs
+# a digest merge, about 0.1-0.3 ms).
+FEED_SLICE = 100
+
+# One stored or written row, as the accumulators take it: (metric, tags, bucket start,
+# bucket end, kind, fields); fields are a trend's (count, sum, min, max, zeros,
+# centroids) or a counter's (value, count, nonzero, min, max, state).
+Row = tuple[str, Mapping[str, str], float, float, str, tuple[Any, ...]]
 
 
 def parse_items(items: Iterable[tuple[str, bool, float]]) -> list[Threshold]:
@@ -73,15 +94,70 @@ class Verdict:
                 "abort": self.threshold.abort_on_fail, "note": self.note}
 
 
-def from_result(result: ThresholdResult, threshold: Threshold) -> Verdict:
-    low = high = None
-    if result.counts is not None:
-        low, high = result.counts.share
-    if not result.samples:
-        return Verdict(threshold, "no_data", True, True, None, 0, note="no samples yet")
-    return Verdict(threshold, "pass" if result.ok else "fail", result.ok, result.decided,
-                   result.value, result.samples, low, high,
-                   "" if result.decided else "too close to call")
+@dataclass
+class RunState:
+    """One run's thresholds of this server and what has been merged for each."""
+
+    thresholds: dict[str, Threshold] = field(default_factory=dict)
+    targets: dict[str, Selected] = field(default_factory=dict)  # text -> merged so far
+    through: float | None = None  # end of the latest bucket fed
+    ready: bool = False  # built from the stored rows
+    building: bool = False
+    # Rows written since the build's snapshot, fed by the evaluating task (not by the
+    # flush that wrote them, which must not wait for digest merges).
+    pending: list[Row] = field(default_factory=list)
+    generation: int = 0  # bumped when thresholds are added: a build under way is stale
+
+    def feed(self, row: Row) -> None:
+        metric, tags, bucket, end, kind, fields = row
+        self.through = end if self.through is None else max(self.through, end)
+        for text, threshold in self.thresholds.items():
+            if threshold.metric != metric or not matches(tags, threshold.tags):
+                continue
+            target = self.targets.get(text)
+            if target is None:
+                target = self.targets[text] = Selected.new(metric, kind, threshold.tags)
+                if (target.trend is not None
+                        and threshold.expression.method in APPROXIMATE_METHODS):
+                    target.trend.watch(threshold.expression.bound)
+            if target.trend is not None:
+                target.trend.add(*fields)
+            elif target.counter is not None:
+                target.counter.add(bucket, *fields)
+
+
+def stored_row(table: str, record: Mapping[str, Any]) -> Row:
+    tags = orjson.loads(record["tags"])
+    end = record["bucket"] + record["bucket_seconds"]
+    if table == "trend_buckets":
+        return (record["metric"], tags, record["bucket"], end, "trend",
+                (record["count"], record["sum"], record["min"], record["max"],
+                 record["zeros"], digest.decode(record["digest"])))
+    state = orjson.loads(record["state"]) if record["state"] else None
+    return (record["metric"], tags, record["bucket"], end, record["metric_type"],
+            (record["value"], record["count"], record["nonzero"], record["min"],
+             record["max"], state))
+
+
+def written_rows(aggregator: Aggregator[Any, Any], bucket_seconds: int,
+                 entries: Mapping[BucketKey, Entry[Any]]) -> dict[str, list[Row]]:
+    """What a write added to each run: every entry's state, whether it made a new row or
+    was merged into a stored one (late data)."""
+    rows: dict[str, list[Row]] = {}
+    for (run_id, metric, tags, bucket), entry in entries.items():
+        state = entry.state
+        if aggregator.role == "td":
+            parts = state.parts
+            centroids = parts[0] if len(parts) == 1 else digest.merge(parts)
+            row: Row = (metric, dict(tags), float(bucket), float(bucket + bucket_seconds),
+                        "trend", (state.count, state.total, state.lo, state.hi, state.zeros,
+                                  centroids))
+        else:
+            kind, value, count, nonzero, lo, hi, extra = aggregator.values(state)
+            row = (metric, dict(tags), float(bucket), float(bucket + bucket_seconds), kind,
+                   (value, count, nonzero, lo, hi, orjson.loads(extra)))
+        rows.setdefault(run_id, []).append(row)
+    return rows
 
 
 class LiveThresholds:
@@ -96,8 +172,9 @@ class LiveThresholds:
         self.role = role
         self.push = push
         self.pool: asyncpg.Pool | None = None
-        self.runs: dict[str, dict[str, Threshold]] = {}  # run -> text -> threshold
+        self.runs: dict[str, RunState] = {}
         self.latest: dict[str, bytes] = {}  # run -> its latest verdicts frame
+        self.write_lock = asyncio.Lock()  # held by the server around a write and its feed
         self.evaluations = 0
         self.failures = 0
         self._dirty: set[str] = set()
@@ -116,27 +193,45 @@ class LiveThresholds:
     def declare(self, run_id: str, thresholds: list[Threshold]) -> bytes | None:
         """A forwarder of ``run_id`` says its thresholds; return the run's latest verdicts
         for that forwarder (None before the first evaluation)."""
-        known = self.runs.setdefault(run_id, {})
+        state = self.runs.setdefault(run_id, RunState())
         added = False
         for threshold in thresholds:
-            if threshold.role == self.role and threshold.text not in known:
-                known[threshold.text] = threshold
+            if threshold.role == self.role and threshold.text not in state.thresholds:
+                state.thresholds[threshold.text] = threshold
                 added = True
+        if added:  # a new accumulator needs the run's history: build them all again
+            state.ready = False
+            state.pending = []
+            state.generation += 1
         if added or run_id not in self.latest:
-            self.written([run_id])
+            self._mark([run_id])
         return self.latest.get(run_id)
 
-    def written(self, run_ids: Iterable[str]) -> None:
-        """Buckets or generator marks of these runs are in the database: judge again."""
-        for run_id in run_ids:
-            if self.runs.get(run_id):
-                self._dirty.add(run_id)
-                self._wake.set()
+    def wrote(self, rows: Mapping[str, list[Row]]) -> None:
+        """A write committed these rows (call under ``write_lock``): queue them, judge."""
+        for run_id, run_rows in rows.items():
+            state = self.runs.get(run_id)
+            if state is not None and state.thresholds and (state.ready or state.building):
+                state.pending.extend(run_rows)
+            # else: not built yet; the build will read these rows from the database
+        self._mark(rows)
+
+    def generators_written(self, run_ids: Iterable[str]) -> None:
+        """Generators of these runs have ended and been written: a verdict may be final."""
+        self._mark(run_ids)
 
     def forget(self, run_id: str) -> None:
-        """No forwarder of the run is connected any more, and its verdict was final."""
+        """No forwarder of the run is connected any more; they say it again if they
+        return."""
         self.runs.pop(run_id, None)
         self.latest.pop(run_id, None)
+
+    def _mark(self, run_ids: Iterable[str]) -> None:
+        for run_id in run_ids:
+            state = self.runs.get(run_id)
+            if state is not None and state.thresholds:
+                self._dirty.add(run_id)
+                self._wake.set()
 
     async def _loop(self) -> None:
         while True:
@@ -152,13 +247,60 @@ class LiveThresholds:
                                 "after the next write): %r", run_id, exc)
                     self._dirty.add(run_id)
 
+    async def build(self, run_id: str, state: RunState) -> None:
+        """Feed the run's stored rows of the thresholds' metrics to fresh accumulators.
+
+        The snapshot is taken under ``write_lock``: rows committed before it are read
+        here, rows committed after it are queued by ``wrote`` and fed afterwards."""
+        from td_report.database import Reader  # noqa: PLC0415 - see run_facts
+
+        assert self.pool is not None
+        generation = state.generation
+        state.targets.clear()
+        state.through = None
+        metrics = sorted({t.metric for t in state.thresholds.values()})
+        table = "trend_buckets" if self.role == "td" else "counter_buckets"
+        try:
+            async with self.pool.acquire() as conn, conn.transaction(
+                    isolation="repeatable_read", readonly=True):
+                async with self.write_lock:
+                    await conn.fetchval("SELECT 1")  # the snapshot starts here
+                    state.pending = []
+                    state.building = True
+                fed = 0
+                async for record in Reader(conn).rows(table, run_id, None, None, {}, metrics):
+                    state.feed(stored_row(table, record))
+                    fed += 1
+                    if fed % FEED_SLICE == 0:
+                        await asyncio.sleep(0)  # let connections be served meanwhile
+            state.ready = state.generation == generation
+        finally:
+            state.building = False
+
+    async def catch_up(self, state: RunState) -> None:
+        """Feed the rows written since the last evaluation, a slice at a time."""
+        while state.pending:
+            rows, state.pending = state.pending[:FEED_SLICE], state.pending[FEED_SLICE:]
+            for row in rows:
+                state.feed(row)
+            if state.pending:
+                await asyncio.sleep(0)
+
     async def evaluate(self, run_id: str) -> list[Verdict] | None:
-        thresholds = list(self.runs.get(run_id, {}).values())
-        if not thresholds or self.pool is None:
+        state = self.runs.get(run_id)
+        if state is None or not state.thresholds or self.pool is None:
             return None
+        if not state.ready:
+            await self.build(run_id, state)
+            if not state.ready:  # thresholds were added meanwhile: build again
+                self._mark([run_id])
+                return None
+        await self.catch_up(state)
         async with self.pool.acquire() as conn:
-            verdicts, through, final = await judge(conn, run_id, thresholds, self.role)
+            final, span = await run_facts(conn, run_id, self.role, state)
+            verdicts = judge_state(run_id, state, span)
             now = datetime.now(UTC)
+            through = state.through
             through_at = None if through is None else datetime.fromtimestamp(through, UTC)
             await conn.executemany(INSERT_EVALUATION, [
                 (run_id, self.role, v.threshold.text, now, through_at, final, v.verdict, v.ok,
@@ -175,49 +317,48 @@ class LiveThresholds:
         return verdicts
 
 
-async def judge(conn: asyncpg.Connection, run_id: str, thresholds: list[Threshold],
-                role: str) -> tuple[list[Verdict], float | None, bool]:
-    """(verdicts, end of the latest stored bucket, final) over every generator's rows."""
-    # td_report's reader picks its database through common.cli, which imports the server.
-    from td_report.database import ReportError  # noqa: PLC0415
-    from td_report.query import Selection, build  # noqa: PLC0415
+async def run_facts(conn: asyncpg.Connection, run_id: str, role: str, state: RunState
+                    ) -> tuple[bool, float]:
+    """(final: every generator ended and written by this server; the run's span in
+    seconds, for counters' rates per second)."""
+    # Imported here: td_report's reader picks a database through common.cli, which
+    # imports the server, which imports this module.
+    from td_report.database import Reader  # noqa: PLC0415
+    from td_report.query import whole_run_span  # noqa: PLC0415
 
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         generators = await conn.fetch(
             f"SELECT ended_at IS NOT NULL AS ended, {role}_written_at IS NOT NULL AS written"
             f" FROM generators WHERE run_id = $1", run_id)
         final = bool(generators) and all(g["ended"] and g["written"] for g in generators)
-        if role == "td":
-            table, kind = "trend_buckets", "'trend'"
-        else:
-            table, kind = "counter_buckets", "metric_type"
-        kinds = {row[0]: row[1] for row in await conn.fetch(
-            f"SELECT DISTINCT metric, {kind} FROM {table} WHERE run_id = $1", run_id)}
-        through = await conn.fetchval(
-            f"SELECT extract(epoch FROM max(bucket + bucket_seconds * interval '1 second'))"
-            f"::float8 FROM {table} WHERE run_id = $1", run_id)
-    verdicts: dict[str, Verdict] = {}
-    applicable = []
-    for threshold in thresholds:
-        if threshold.metric not in kinds:
-            verdicts[threshold.text] = Verdict(threshold, "no_data", True,
-                                               note="no samples of this metric yet")
+        span = 0.0
+        if any(t.expression.method == "rate" for t in state.thresholds.values()):
+            found = await whole_run_span(Reader(conn), run_id)
+            if found is not None:
+                span = max(found[1] - found[0], 0.0)
+    return final, span
+
+
+def judge_state(run_id: str, state: RunState, span: float) -> list[Verdict]:
+    verdicts = []
+    for text, threshold in state.thresholds.items():
+        target = state.targets.get(text)
+        if target is None or not target.samples:
+            verdicts.append(Verdict(threshold, "no_data", True,
+                                    note="no samples of this metric yet"))
             continue
         try:
-            check_applicable(threshold, kinds, [k for k, _ in threshold.tags], run_id)
+            check_applicable(threshold, {threshold.metric: target.kind},
+                             [k for k, _ in threshold.tags], run_id)
         except ThresholdError as exc:
-            verdicts[threshold.text] = Verdict(threshold, "error", False, note=str(exc))
+            verdicts.append(Verdict(threshold, "error", False, note=str(exc)))
             continue
-        applicable.append(threshold)
-    if applicable:
-        selection = Selection(run_id, thresholds=tuple(applicable), quantiles=(0.5,),
-                              metrics=tuple(sorted({t.metric for t in applicable})))
-        try:
-            report = await build(conn, selection)
-        except ReportError as exc:  # e.g. the filter matches nothing yet
-            for threshold in applicable:
-                verdicts[threshold.text] = Verdict(threshold, "no_data", True, note=str(exc))
-        else:
-            for result, threshold in zip(report.thresholds, applicable, strict=True):
-                verdicts[threshold.text] = from_result(result, threshold)
-    return [verdicts[t.text] for t in thresholds], through, final
+        verdict = judge(threshold.expression, target, span)
+        low = high = None
+        if verdict.counts is not None:
+            low, high = verdict.counts.share
+        verdicts.append(Verdict(
+            threshold, "pass" if verdict.holds else "fail", verdict.holds, verdict.decided,
+            verdict.value, target.samples, low, high,
+            "" if verdict.decided else "too close to call"))
+    return verdicts

@@ -25,7 +25,7 @@ from common.config import ConfigError, ServerConfig
 from common.connection import Connection
 from common.generators import GeneratorLedger
 from common.group_commit import GroupCommit
-from common.live_thresholds import LiveThresholds
+from common.live_thresholds import LiveThresholds, written_rows
 from common.notify import notify, watchdog_interval
 from common.quarantine import QUARANTINE_FILE, Quarantine
 from common.selfmetrics import Histogram, MetricsEndpoint, exposition
@@ -559,7 +559,13 @@ class AggregatorServer:
         self.closing = {}
         started = time.perf_counter()
         try:
-            late, failed = await self._sink.write_each(batch)
+            # Under the live thresholds' lock: what a write committed is fed to them
+            # before any of their builds from the database can take its snapshot.
+            async with self.live.write_lock:
+                late, failed = await self._sink.write_each(batch)
+                self.live.wrote(written_rows(
+                    self.aggregator, self.config.bucket_seconds,
+                    {key: entry for key, entry in batch.items() if key not in failed}))
             quarantined = self._quarantine(batch, failed)
         except Exception as exc:  # the database is away: writes are idempotent, retry all
             self.stats.write_failures += 1
@@ -583,7 +589,6 @@ class AggregatorServer:
             log.warning("late data: merged into %d already written bucket rows", late)
         if self.spilled and len(self.closing) < self.config.max_queued_buckets:
             await self._restore_spilled()
-        self.live.written({key[0] for key in batch})
         await self._write_generators()
         self._release_log()
         return True
@@ -606,7 +611,7 @@ class AggregatorServer:
         if done:
             try:
                 await self._sink.mark_written(done)
-                self.live.written({run_id for run_id, _ in done})
+                self.live.generators_written({run_id for run_id, _ in done})
             except Exception as exc:
                 for key in done:
                     self.generators.ended[key] = (None, self.wal.segment)

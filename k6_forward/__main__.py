@@ -51,7 +51,8 @@ Run k6 under it (first form): k6 writes its JSON output into a pipe of the forwa
 own, and its banner, progress and summary reach the terminal unchanged. Ctrl-C and
 SIGTERM go to k6, which ends the test as it does alone (teardown, summary); the forwarder
 then sends everything, waits for the servers' acknowledgements and exits with k6's exit
-status (or 3, below). Or read k6 JSON from files or a pipe (second form)."""
+status, or 99 when a threshold failed over all generators (below). Or read k6 JSON from
+files or a pipe (second form)."""
 
 EPILOG = """\
 Trend metrics go to td-server as t-digest partials; counters, gauges and rates go to
@@ -72,13 +73,24 @@ progress, summary) is harmless and only counted; a JSON line that k6's progress 
 cut in two is put back together. Tag values longer than 256 characters (long URLs in
 k6's name tag) are shortened to 239 characters, "~" and 16 hex digits of their hash.
 
-exit status (under the first form, a non-zero status of k6 comes first: 99 for failed
-thresholds, 107 for a script error, ...):
-  0    every sample read was stored
+global thresholds: under the first form, the script's thresholds (read with
+'k6 inspect', which gets the run's -e, --config and system environment) and any
+--threshold are judged by the servers over ALL generators of the run, cumulatively from
+its start, each time they write the run's buckets; k6 runs with --no-thresholds. A failed
+abortOnFail threshold (after its delayAbortEval) stops k6 on every generator as Ctrl-C
+does (teardown and summary run). At the end the forwarder waits for the final verdict
+(every generator ended and written, at most --verdict-timeout) and prints one line per
+threshold. In the second form, --threshold flags are judged the same way, without abort.
+
+exit status (under the first form, a non-zero status of k6 comes first: 107 for a
+script error, 105 for an interrupted test, ...):
+  0    every sample read was stored and every global threshold passed
   1    an error stopped it (input unreadable, a server refused this forwarder)
-  2    bad configuration
+  2    bad configuration, or a malformed --threshold
   3    it ran to the end, but some lines were lost or some samples refused by the
        servers: the last line says how many, and why
+  4    no final global verdict within --verdict-timeout (a generator had not ended)
+  99   a global threshold failed (over all generators), as k6 run
 """
 
 

@@ -225,6 +225,20 @@ async def _build(reader: Reader, selection: Selection) -> Report:
     return report
 
 
+async def whole_run_span(reader: Reader, run_id: str) -> tuple[float, float] | None:
+    """The whole run's span for rates per second, as a report without a window takes it:
+    the generators' first to last sample, else the buckets'. None for a run without rows."""
+    whole = await reader.extent(run_id, None, None)
+    if whole is None:
+        return None
+    generators = await reader.generators(run_id)
+    seen = await reader.gauge_producers(run_id, None, None) if generators else set()
+    sampled = sample_span(generators, seen, None, None)
+    if isinstance(sampled, tuple):
+        return sampled
+    return await _bucket_span(reader, run_id, whole, whole)
+
+
 async def _bucket_span(reader: Reader, run_id: str, whole: Extent, extent: Extent
                        ) -> tuple[float, float]:
     """From the first selected bucket's start to the last one's end; when the selection

@@ -335,3 +335,48 @@ async def test_bad_thresholds_frame_is_refused_and_the_connection_goes_on(
         got = {r["threshold"]: (r["ok"], r["observed"]) for r in message["results"]}
         assert got == {"checks: rate>0.5": (True, 2 / 3), "checks: rate>0.9": (False, 2 / 3)}
         await client.close()
+
+
+async def verdict_with(client: Client, text: str, samples: int
+                       ) -> dict[str, dict[str, Any]]:
+    """The results of the first verdicts frame in which ``text`` was judged over
+    ``samples`` samples, by threshold."""
+    while True:
+        message = await next_verdicts(client, final=False)
+        got = {r["threshold"]: r for r in message["results"]}
+        if text in got and got[text]["samples"] == samples:
+            return got
+
+
+async def test_late_data_and_a_threshold_said_mid_run_count_each_sample_once(
+        dsn: str, tmp_path: Path) -> None:
+    """Each write adds what it wrote, late parts of stored rows included; a threshold
+    first said after rows are stored starts from the database's rows."""
+    rng = np.random.default_rng(5)
+    early, late, other = (rng.gamma(2.0, 30.0, n) for n in (3000, 1000, 500))
+    async with run_server(dsn, tmp_path, grace=0.0) as server:
+        client = await Client.connect(server.address, run_id="late")
+        await declare(client, "m: max<1000000")
+        assert (await send(client, 1, [trend_item(early, metric="m")]))["type"] == "ack"
+        first = await verdict_with(client, "m: max<1000000", len(early))
+        assert first["m: max<1000000"]["observed"] == early.max()
+        # Late data for the same stored row, and a row of another bucket.
+        items = [trend_item(late, metric="m"),
+                 trend_item(other, metric="m", bucket=OLD_BUCKET + 10)]
+        assert (await send(client, 2, items))["type"] == "ack"
+        everything = np.concatenate([early, late, other])
+        both = await verdict_with(client, "m: max<1000000", len(everything))
+        assert both["m: max<1000000"]["observed"] == everything.max()
+        # Said now: built from the stored rows, then fed like the others.
+        await declare(client, "m: p(90)<1")
+        p90 = await verdict_with(client, "m: p(90)<1", len(everything))
+        assert quantile_ok(everything, 0.90, p90["m: p(90)<1"]["observed"])
+        more = rng.gamma(2.0, 30.0, 700)
+        items = [trend_item(more, metric="m", bucket=OLD_BUCKET + 20)]
+        assert (await send(client, 3, items))["type"] == "ack"
+        everything = np.concatenate([everything, more])
+        got = await verdict_with(client, "m: p(90)<1", len(everything))
+        assert quantile_ok(everything, 0.90, got["m: p(90)<1"]["observed"])
+        assert got["m: max<1000000"]["samples"] == len(everything)
+        assert got["m: max<1000000"]["observed"] == everything.max()
+        await client.close()
