@@ -189,7 +189,7 @@ async def test_schema_is_idempotent(dsn: str, tmp_path: Path) -> None:
     rows = await fetch(dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
                             "ORDER BY 1")
     assert [r[0] for r in rows] == ["counter_buckets", "generators", "run_inputs",
-                                    "trend_buckets"]
+                                    "threshold_evaluations", "trend_buckets"]
 
 
 async def test_log_is_bounded_by_unwritten_buckets(dsn: str, tmp_path: Path) -> None:
