@@ -199,3 +199,39 @@ async def test_sigint_ends_k6_gracefully_and_its_status_comes_back(dsn: str,
     assert "teardown ran" in err.decode()
     assert "0 lines lost" in err.decode()
     await stored_against_summary(dsn, "sigint", json.loads(summary.read_text()))
+
+
+async def test_threshold_flags_are_judged_globally_in_the_file_form(dsn: str,
+                                                                    tmp_path: Path) -> None:
+    """k6-forward FILE --threshold ...: judged by the servers too (no k6 to stop); exit
+    99 on a failed final verdict, 0 when all pass."""
+    raw = tmp_path / "raw.json"
+    async with http_target() as base:
+        k6 = await asyncio.create_subprocess_exec(
+            k6_binary(), "run", "-q", "--no-thresholds", "--out", f"json={raw}",
+            str(FIXTURES / "global.js"), env=dict(os.environ, BASE=base, DUR="4s"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        assert await asyncio.wait_for(k6.wait(), 60) == 0
+    durations = np.array(raw_durations(raw))
+    async with (
+        server_process("td_server", dsn, tmp_path, "--grace", str(GRACE)) as td,
+        server_process("non_td_server", dsn, tmp_path, "--grace", str(GRACE)) as non_td,
+    ):
+        statuses = []
+        for run_id, bound in (("file-pass", 10_000), ("file-fail", 0.001)):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "k6_forward", "--run-id", run_id,
+                "--td", "{}:{}".format(*td.address), "--non-td", "{}:{}".format(*non_td.address),
+                "--threshold", f"http_req_duration: max<{bound}",
+                "--threshold", "http_reqs: count>0", str(raw),
+                stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+            _, err = await asyncio.wait_for(process.communicate(), 120)
+            statuses.append((process.returncode, err.decode()))
+        assert await td.stop() == 0
+        assert await non_td.stop() == 0
+    (passed, passed_err), (failed, failed_err) = statuses
+    assert passed == 0, passed_err
+    assert failed == 99, failed_err
+    maximum = float(durations.max())
+    assert f"FAIL http_req_duration: max<0.001: observed {maximum:.6g}" in failed_err
+    assert f"ok   http_reqs: count>0: observed {len(durations)}" in failed_err
