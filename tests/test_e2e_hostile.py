@@ -109,3 +109,5 @@ async def test_the_readme_pipe_without_quiet_loses_nothing(dsn: str, tmp_path: P
     # One duration sample per request and per iteration: none lost to a cut line.
     assert trends["http_req_duration"] == k6["http_reqs"]["count"]
     assert trends["iteration_duration"] == k6["iterations"]["count"]
+    print(f"pipe form: {summary}; http_reqs stored {counters['http_reqs']['total']:g} "
+          f"of k6's {k6['http_reqs']['count']}")

@@ -68,6 +68,8 @@ async def test_k6_under_the_forwarder_loses_nothing(dsn: str, tmp_path: Path) ->
     last = err.decode().strip().splitlines()[-1]
     assert "0 lines lost; 0 lines of k6 text ignored" in last, last
     await stored_against_summary(dsn, "child", json.loads(summary.read_text()))
+    k6 = json.loads(summary.read_text())["metrics"]
+    print(f"-- form: {last}; http_reqs {k6['http_reqs']['count']} in k6's summary")
     # The generator is recorded, and both servers marked its buckets written.
     (row,) = await fetch(dsn, "SELECT * FROM generators WHERE run_id = 'child'")
     read = int(last.split(" samples read")[0].rsplit(" ", 1)[1])
