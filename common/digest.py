@@ -1,51 +1,164 @@
-"""The one module that knows the t-digest library.
+"""The one module that knows how trend samples are compressed: a log-bucket sketch.
 
-Everything outside this module sees a digest as a library-neutral float64 array of shape
-(n, 2): rows of (mean, weight), sorted by mean. On the wire and in the database that
-array is stored as little-endian float64 pairs ``mean0, weight0, mean1, weight1, ...``
-(16 bytes per centroid), so changing the library later breaks no stored data.
+Everything outside this module sees a digest as a float64 array of shape (n, 2): rows
+of (value, weight), sorted by value. A digest made here is a sketch with logarithmic
+buckets, as DDSketch (Masson, Rim, Lee, VLDB 2019) defines them: a non-zero sample x
+falls in bucket ``i = ceil(log|x| / log(GAMMA))``, which covers magnitudes
+``(GAMMA**(i-1), GAMMA**i]``; a row stands for every sample of one bucket, at the
+bucket's representative value ``2 * GAMMA**i / (GAMMA + 1)``, within ALPHA (1 %)
+relative of each of them. Zeros are counted exactly, negative values mirror positive
+ones. Merging adds the counts of equal buckets, so a digest merged from any number of
+partials is the digest of all their samples: merging loses nothing.
 
-Library choice (measured, see docs/DIGEST_ACCURACY.md): fastdigest with at most
-``MAX_CENTROIDS`` centroids. pytdigest interpolates across point masses such as the
-exact zeros k6 reports for ``http_req_connecting`` on reused connections and misses the
-rank criterion there at any compression; fastdigest does not.
+Quantiles follow numpy's default (linear) definition: the samples at ranks
+floor(q*(n-1)) and ceil(q*(n-1)) are taken from their buckets (rank 0 and rank n-1 are
+the exact min and max) and interpolated. Each is within ALPHA of the true sample, so the
+estimate is within ALPHA of numpy's quantile whenever both samples have one sign, also
+across a gap between two clusters, where the t-digest this replaces interpolated over
+its centroids (docs/DIGEST_ACCURACY.md).
+
+On the wire and in the database a sketch is ``encode``'s compact form (bucket indices
+and counts). Digests of the t-digest era, little-endian float64 (mean, weight) pairs,
+are still read (``decode``), answered as before (``quantiles``) and turned into buckets
+when merged with sketches.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
-from typing import Any
 
-import fastdigest
 import numpy as np
 import numpy.typing as npt
 
-# Same value in the forwarder and both servers, so every partial has the same shape.
-MAX_CENTROIDS = 300
+ALPHA = 0.01
+GAMMA = (1.0 + ALPHA) / (1.0 - ALPHA)
+_LOG_GAMMA = math.log(GAMMA)
+_REP = 2.0 / (GAMMA + 1.0)  # representative of bucket i: _REP * GAMMA**i
+# Buckets kept per digest. Beyond it the buckets nearest zero are folded into the
+# nearest kept one (DDSketch's collapsing store): 1,024 buckets per sign span a range of
+# GAMMA**1024 (6e8); values that far below the largest lose their relative accuracy,
+# the upper quantiles keep theirs.
+MAX_CENTROIDS = 2048
 
 Centroids = npt.NDArray[np.float64]
 _LE_F64 = np.dtype("<f8")
 EMPTY: Centroids = np.zeros((0, 2), dtype=np.float64)
 
+# encode: magic, version, flags (bit 0: counts are uint64, else uint32), negative
+# buckets, positive buckets, zeros; then int32 indices (negative ones by magnitude,
+# then positive ones, each increasing) and the counts in the same order.
+_MAGIC = b"\xd5\x6b"
+_VERSION = 1
+_HEADER = struct.Struct("<2sBBIIQ")
 
-def _build(values: Any, weights: Any = None) -> fastdigest.TDigest:
-    return fastdigest.TDigest.from_values(values, weights, max_centroids=MAX_CENTROIDS)
+
+# Every bucket a finite double can fall in, from the least subnormal to the largest
+# double, and its representative: one table, so that a representative is always the
+# same double (is_sketch compares exactly) and decoding needs no exp.
+_FIRST_INDEX = math.floor(math.log(5e-324) / _LOG_GAMMA) - 2
+_LAST_INDEX = math.ceil(math.log(1.7976931348623157e308) / _LOG_GAMMA) + 2
+with np.errstate(over="ignore"):  # the last entries are beyond the largest double
+    _TABLE = np.exp(np.arange(_FIRST_INDEX, _LAST_INDEX + 1, dtype=np.float64) * _LOG_GAMMA
+                    + math.log(_REP))
+
+
+def _indices(magnitudes: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    return np.ceil(np.log(magnitudes) / _LOG_GAMMA).astype(np.int64)
+
+
+def _representatives(indices: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    return _TABLE[indices - _FIRST_INDEX]
+
+
+def _group(indices: npt.NDArray[np.int64], weights: npt.NDArray[np.float64] | None
+           ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Sum the weights (None: 1 each) of equal indices, in increasing index order."""
+    n = len(indices)
+    if n == 0:
+        return indices, np.zeros(0)
+    if n > 1 and (indices[1:] > indices[:-1]).all():  # already grouped
+        return indices, np.ones(n) if weights is None else weights
+    order = np.argsort(indices, kind="stable")
+    ordered = indices[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    if weights is None:
+        sums = np.diff(np.append(starts, n)).astype(np.float64)
+    else:
+        sums = np.add.reduceat(weights[order], starts)
+    return ordered[starts], sums
+
+
+def _fold(indices: npt.NDArray[np.int64], weights: npt.NDArray[np.float64], budget: int
+          ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Keep ``budget`` buckets: the ones nearest zero are added to the first kept one."""
+    if len(indices) <= budget:
+        return indices, weights
+    cut = len(indices) - budget
+    return indices[cut:], np.concatenate([[weights[:cut + 1].sum()], weights[cut + 1:]])
+
+
+def _budgets(negative: int, positive: int) -> tuple[int, int]:
+    if negative + positive <= MAX_CENTROIDS:
+        return negative, positive
+    half = MAX_CENTROIDS // 2
+    if negative <= half:
+        return negative, MAX_CENTROIDS - negative
+    if positive <= half:
+        return MAX_CENTROIDS - positive, positive
+    return half, MAX_CENTROIDS - half
+
+
+def _sketch(values: npt.NDArray[np.float64], weights: npt.NDArray[np.float64] | None
+            ) -> Centroids:
+    """Bucket samples (``weights`` None) or (value, weight) rows: legacy centroids or
+    sketch rows alike."""
+    positive = values > 0.0
+    negative = values < 0.0
+    if weights is None:
+        zero_weight = float(len(values) - np.count_nonzero(positive | negative))
+        neg_idx, neg_w = _group(_indices(-values[negative]), None)
+        pos_idx, pos_w = _group(_indices(values[positive]), None)
+    else:
+        zero_weight = float(weights[~(positive | negative)].sum())
+        neg_idx, neg_w = _group(_indices(-values[negative]), weights[negative])
+        pos_idx, pos_w = _group(_indices(values[positive]), weights[positive])
+    neg_budget, pos_budget = _budgets(len(neg_idx), len(pos_idx))
+    neg_idx, neg_w = _fold(neg_idx, neg_w, neg_budget)
+    pos_idx, pos_w = _fold(pos_idx, pos_w, pos_budget)
+    return _assemble(neg_idx, neg_w, zero_weight, pos_idx, pos_w)
+
+
+def _assemble(neg_idx: npt.NDArray[np.int64], neg_w: npt.NDArray[np.float64],
+              zero_weight: float, pos_idx: npt.NDArray[np.int64],
+              pos_w: npt.NDArray[np.float64]) -> Centroids:
+    """Rows in value order: negative buckets (largest magnitude first), zeros, positive."""
+    k, z = len(neg_idx), 1 if zero_weight else 0
+    out = np.empty((k + z + len(pos_idx), 2), dtype=np.float64)
+    if k:
+        out[:k, 0] = -_representatives(neg_idx[::-1])
+        out[:k, 1] = neg_w[::-1]
+    if z:
+        out[k] = (0.0, zero_weight)
+    out[k + z:, 0] = _representatives(pos_idx)
+    out[k + z:, 1] = pos_w
+    return out
 
 
 def from_values(values: Sequence[float] | npt.NDArray[np.float64]) -> Centroids:
-    """Compress raw samples into centroids."""
-    if len(values) == 0:
+    """The sketch of raw samples."""
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if len(array) == 0:
         return EMPTY
-    digest = _build(values)
-    return np.asarray(digest.centroids, dtype=np.float64).reshape(-1, 2)
+    return _sketch(array, None)
 
 
 def split_zeros(values: Sequence[float] | npt.NDArray[np.float64]) -> tuple[Centroids, int]:
-    """(digest of the non-zero values, exact count of zeros).
+    """(sketch of the non-zero values, exact count of zeros).
 
     k6 timing metrics are full of exact zeros (``http_req_connecting`` on reused
-    connections). A t-digest smears such a point mass into its neighbours, so the zeros
-    are counted exactly beside the digest and only the rest is compressed.
+    connections); rows keep their count in a column of its own, beside the digest.
     """
     array = np.asarray(values, dtype=np.float64)
     nonzero = array[array != 0.0]
@@ -53,15 +166,51 @@ def split_zeros(values: Sequence[float] | npt.NDArray[np.float64]) -> tuple[Cent
 
 
 def merge(parts: Sequence[Centroids]) -> Centroids:
-    """Merge several centroid arrays into one digest of at most MAX_CENTROIDS centroids."""
+    """One sketch of several digests' samples: equal buckets' counts added."""
     parts = [p for p in parts if len(p)]
     if not parts:
         return EMPTY
-    if len(parts) == 1 and len(parts[0]) <= MAX_CENTROIDS:
+    if len(parts) == 1 and len(parts[0]) <= MAX_CENTROIDS and is_sketch(parts[0]):
         return parts[0]
     stacked = np.concatenate(parts)
-    digest = _build(stacked[:, 0], stacked[:, 1])
-    return np.asarray(digest.centroids, dtype=np.float64).reshape(-1, 2)
+    return _sketch(stacked[:, 0], stacked[:, 1])
+
+
+def is_sketch(centroids: Centroids) -> bool:
+    """Whether every row is a bucket of this module's sketch (not a t-digest centroid of
+    a row stored before it): each value is exactly its bucket's representative."""
+    values = centroids[:, 0]
+    nonzero = values[values != 0.0]
+    if len(nonzero) == 0:
+        return True
+    magnitudes = np.abs(nonzero)
+    return bool(np.array_equal(magnitudes, _representatives(_indices(magnitudes))))
+
+
+def bucket_bounds(values: npt.NDArray[np.float64]
+                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """For a sketch's values, the least and greatest sample each row can stand for
+    (closed, and widened by a rounding margin; zeros are exact)."""
+    magnitudes = np.abs(values)
+    low = np.zeros(len(values))
+    high = np.zeros(len(values))
+    nonzero = magnitudes > 0.0
+    idx = _indices(magnitudes[nonzero]).astype(np.float64)
+    lower = np.exp((idx - 1.0) * _LOG_GAMMA) * (1.0 - 1e-9)
+    upper = np.exp(idx * _LOG_GAMMA) * (1.0 + 1e-9)
+    positive = values[nonzero] > 0.0
+    low[nonzero] = np.where(positive, lower, -upper)
+    high[nonzero] = np.where(positive, upper, -lower)
+    return low, high
+
+
+def outside(centroids: Centroids, lo: float, hi: float) -> bool:
+    """Whether a digest holds samples that cannot lie in [lo, hi]: a sketch's first or
+    last bucket misses it, or a t-digest centroid's mean is outside it."""
+    if not is_sketch(centroids):
+        return bool(centroids[0, 0] < lo or centroids[-1, 0] > hi)
+    low, high = bucket_bounds(centroids[[0, -1], 0])
+    return bool(high[0] < lo or low[1] > hi)
 
 
 def quantiles(
@@ -70,6 +219,43 @@ def quantiles(
     """Quantiles of a digest plus ``zeros`` exact zeros, clamped to the exact min and max.
 
     ``centroids`` may be several digests stacked (see ``stack``); they are read as one.
+    """
+    if len(centroids) == 0:
+        return [0.0 if zeros else float("nan")] * len(qs)
+    if not is_sketch(centroids):
+        return _legacy_quantiles(centroids, qs, lo, hi, zeros)
+    values = centroids[:, 0]
+    weights = centroids[:, 1]
+    if len(values) > 1 and (values[1:] < values[:-1]).any():
+        order = np.argsort(values, kind="stable")
+        values, weights = values[order], weights[order]
+    if zeros:
+        at = int(np.searchsorted(values, 0.0))
+        values = np.insert(values, at, 0.0)
+        weights = np.insert(weights, at, float(zeros))
+    ends = np.cumsum(weights)
+    n = float(ends[-1])
+    if n <= 0.0:
+        return [float("nan")] * len(qs)
+    ranks = np.asarray(qs, dtype=np.float64) * (n - 1.0)
+    below = np.floor(ranks)
+    above = np.minimum(below + 1.0, n - 1.0)
+
+    def at_rank(rank: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        found = values[np.minimum(np.searchsorted(ends, rank, side="right"), len(values) - 1)]
+        # The first and last samples are known exactly.
+        found = np.where(rank <= 0.0, lo, found)
+        return np.where(rank >= n - 1.0, hi, found)
+
+    first, second = at_rank(below), at_rank(above)
+    estimates = first + (ranks - below) * (second - first)
+    return [min(max(float(v), lo), hi) for v in estimates]
+
+
+def _legacy_quantiles(centroids: Centroids, qs: Sequence[float], lo: float, hi: float,
+                      zeros: int) -> list[float]:
+    """A t-digest's quantiles as fastdigest reads them, for rows stored before sketches.
+
     The rank q * n is located among: the negative values (from the digest), then the
     zeros (exact), then the positive values (from the digest).
     """
@@ -100,11 +286,10 @@ def quantiles(
 
 
 def stack(parts: Sequence[Centroids]) -> Centroids:
-    """The union of several digests' centroids, sorted by mean, not compressed.
+    """The union of several digests' rows, sorted by value, not merged.
 
-    For a query that merges stored digests only to read a few quantiles: compressing
-    the union into MAX_CENTROIDS centroids costs more than reading the quantiles, and
-    keeps less detail than the union has.
+    For a query that reads a few quantiles of many stored digests: sorting the union
+    costs less than grouping it into buckets, and reads the same.
     """
     parts = [p for p in parts if len(p)]
     if len(parts) <= 1:
@@ -173,19 +358,58 @@ class _Curve:
 
 
 def encode(centroids: Centroids) -> bytes:
-    """(n, 2) centroids to little-endian float64 (mean, weight) pairs."""
-    return np.ascontiguousarray(centroids, dtype=_LE_F64).tobytes()
+    """A sketch in its compact form; a legacy digest (t-digest centroids) is bucketed
+    first."""
+    if len(centroids) == 0:
+        return b""
+    if not is_sketch(centroids):
+        centroids = merge([centroids])
+    values = centroids[:, 0]
+    weights = np.rint(centroids[:, 1])
+    negative = values < 0.0
+    positive = values > 0.0
+    neg_idx = _indices(-values[negative])[::-1]
+    pos_idx = _indices(values[positive])
+    counts = np.concatenate([weights[negative][::-1], weights[positive]])
+    wide = bool(len(counts)) and float(counts.max()) >= 2**32
+    zero_count = int(weights[~(negative | positive)].sum())
+    body = (_HEADER.pack(_MAGIC, _VERSION, int(wide), len(neg_idx), len(pos_idx), zero_count)
+            + np.concatenate([neg_idx, pos_idx]).astype("<i4").tobytes()
+            + counts.astype("<u8" if wide else "<u4").tobytes())
+    # Never a whole number of 16 bytes: that length means a legacy digest.
+    return body + b"\0" if len(body) % 16 == 0 else body
 
 
 def decode(data: bytes) -> Centroids:
-    """Inverse of encode; raises ValueError when the length is not a whole number of pairs."""
-    if len(data) % 16:
-        raise ValueError(f"digest length {len(data)} is not a multiple of 16 bytes")
-    return np.frombuffer(data, dtype=_LE_F64).astype(np.float64).reshape(-1, 2)
+    """Inverse of encode (and the legacy (mean, weight) pairs); ValueError names what is
+    wrong with bytes that are neither."""
+    if len(data) % 16 == 0:
+        return np.frombuffer(data, dtype=_LE_F64).astype(np.float64).reshape(-1, 2)
+    if len(data) < _HEADER.size or data[:2] != _MAGIC:
+        raise ValueError(f"digest of {len(data)} bytes is neither a sketch nor whole "
+                         f"(mean, weight) pairs")
+    magic, version, flags, n_neg, n_pos, zero_count = _HEADER.unpack_from(data)
+    if version != _VERSION or flags & ~1:
+        raise ValueError(f"sketch version {version} with flags {flags} is not supported")
+    n = n_neg + n_pos
+    width = 8 if flags & 1 else 4
+    end = _HEADER.size + n * (4 + width)
+    if len(data) not in (end, end + 1) or (len(data) == end + 1 and end % 16):
+        raise ValueError(f"sketch of {n} buckets cannot be {len(data)} bytes")
+    indices = np.frombuffer(data, dtype="<i4", count=n, offset=_HEADER.size).astype(np.int64)
+    counts = np.frombuffer(data, dtype="<u8" if width == 8 else "<u4", count=n,
+                           offset=_HEADER.size + 4 * n).astype(np.float64)
+    neg_idx, pos_idx = indices[:n_neg], indices[n_neg:]
+    if (np.diff(neg_idx) <= 0).any() or (np.diff(pos_idx) <= 0).any():
+        raise ValueError("sketch bucket indices are not increasing")
+    if (counts <= 0).any():
+        raise ValueError("sketch bucket with no samples")
+    return _assemble(neg_idx, counts[:n_neg], float(zero_count), pos_idx,
+                     counts[n_neg:])
 
 
 def check(centroids: Centroids) -> str | None:
-    """Why a decoded digest is unacceptable, or None: finite, positive weights, sorted means."""
+    """Why a decoded digest is unacceptable, or None: finite, positive weights, sorted."""
     if len(centroids) == 0:
         return "empty digest"
     if not np.isfinite(centroids).all():

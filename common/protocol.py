@@ -538,8 +538,8 @@ def parse_trend_item(item: object, limits: Limits,
     low, high = _value(lo, "min", limits), _value(hi, "max", limits)
     if low > high:
         raise Refused("bad_field", "min is greater than max")
-    if len(centroids) and (centroids[0, 0] < low or centroids[-1, 0] > high):
-        raise Refused("bad_digest", "a centroid mean lies outside [min, max]")
+    if len(centroids) and digest.outside(centroids, low, high):
+        raise Refused("bad_digest", "a bucket (or centroid) lies outside [min, max]")
     with np.errstate(over="ignore"):  # absurd weights overflow to inf and are refused below
         weight = float(np.sum(centroids[:, 1]))
     if not abs(weight + zeros - n) <= 1e-6 * n:

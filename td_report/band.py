@@ -118,6 +118,8 @@ class Counts:
 
 
 NO_SAMPLES = Counts(0, 0.0, 0.0, 0.0, 0.0)
+# The t-digests of rows stored before sketches had at most this many centroids.
+LEGACY_CENTROIDS = 300
 
 
 def _k_to_q(k: Floats, d: float) -> Floats:
@@ -129,7 +131,7 @@ def _k_to_q(k: Floats, d: float) -> Floats:
 
 
 @functools.lru_cache(maxsize=1024)
-def one_pass_weights(n: int, size: int = digest.MAX_CENTROIDS) -> Floats:
+def one_pass_weights(n: int, size: int = LEGACY_CENTROIDS) -> Floats:
     """The weights fastdigest gives ``n`` samples compressed in one pass.
 
     It closes the k-th centroid at the last sample whose running count is within
@@ -255,6 +257,13 @@ def part_count_arrays(centroids: Floats, bounds: Sequence[float] | Floats, lo: f
     if not ((x >= lo) & (x <= hi)).any():  # min and max decide (below)
         below_lo, below_hi = np.zeros(len(x)), np.full(len(x), n)
         at_lo, at_hi = np.zeros(len(x)), np.full(len(x), n)
+    elif len(means) and float(weights.sum()) + zeros == count and digest.is_sketch(
+            centroids):
+        below_lo, below_hi, at_lo, at_hi = _sketch_counts(means, weights, lo, hi, x)
+        positive = np.where(x > 0.0, float(zeros), 0.0)
+        nonnegative = np.where(x >= 0.0, float(zeros), 0.0)
+        below_lo, below_hi = below_lo + positive, below_hi + positive
+        at_lo, at_hi = at_lo + nonnegative, at_hi + nonnegative
     elif len(means) and float(weights.sum()) + zeros == count:
         if rule is None:
             rule = choose_rule(means, weights)
@@ -292,6 +301,21 @@ def part_count_arrays(centroids: Floats, bounds: Sequence[float] | Floats, lo: f
     at_lo = np.maximum(at_lo, below_lo)
     at_hi = np.maximum(at_hi, at_lo)
     return below_lo, below_hi, at_lo, at_hi
+
+
+def _sketch_counts(values: Floats, weights: Floats, lo: float, hi: float, x: Floats
+                   ) -> tuple[Floats, Floats, Floats, Floats]:
+    """Exact bounds for a sketch: each row's samples lie in its bucket (cut to the exact
+    [lo, hi]), so a bucket wholly below a bound is certainly below it and one that
+    reaches it only possibly. Buckets are disjoint and in value order."""
+    low, high = digest.bucket_bounds(values)
+    low = np.clip(low, lo, hi)
+    high = np.clip(high, lo, hi)
+    ends = np.concatenate([[0.0], np.cumsum(weights)])
+    return (ends[np.searchsorted(high, x, side="left")],  # high < x: certainly below
+            ends[np.searchsorted(low, x, side="left")],  # low < x: possibly below
+            ends[np.searchsorted(high, x, side="right")],  # high <= x: certainly at/below
+            ends[np.searchsorted(low, x, side="right")])  # low <= x: possibly at/below
 
 
 def _digest_counts(means: Floats, weights: Floats, a: Floats, b: Floats, slack: Floats,

@@ -10,11 +10,10 @@ from common.aggregate import BucketKey
 from common.protocol import ROLE_TD, Limits, TrendPartial, parse_trend_item
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
-# Merging is deferred: parts pile up and are compressed only past this many.
-# Merging is deferred: parts pile up and are merged in one pass (faster, and measured
-# more accurate than merging pairwise) until they hold this many centroids, about 14 KiB,
-# which keeps an open (series, bucket) under 16 KiB however many generators feed it.
-_COMPACT_ABOVE_CENTROIDS = 3 * digest.MAX_CENTROIDS
+# Merging is deferred: parts pile up and are merged in one pass until they hold this many
+# rows (16 bytes each), which keeps an open (series, bucket) under 16 KiB however many
+# generators feed it, unless its merged sketch alone has more buckets.
+_COMPACT_ABOVE_CENTROIDS = 1000
 
 
 class TrendState:

@@ -654,11 +654,11 @@ def test_trend_round_trip() -> None:
 
 
 def test_trend_item_layout() -> None:
-    centroids = np.array([[1.5, 2.0], [3.0, 1.0]])
+    centroids = digest.from_values([1.5, 1.5, 3.0])
     partial = TrendPartial("m", (("a", "1"), ("b", "2")), BUCKET, 10, 5, 6.0, 0.0, 3.0,
                            centroids, 2)
     assert protocol.trend_item(partial) == ["m", {"a": "1", "b": "2"}, BUCKET, 10, 5, 6.0, 0.0,
-                                            3.0, blob([(1.5, 2.0), (3.0, 1.0)]), 2]
+                                            3.0, digest.encode(centroids), 2]
     # A partial built without zeros sends 0 as the tenth field.
     without = TrendPartial("m", (), BUCKET, 10, 3, 6.0, 1.5, 3.0, centroids)
     assert without.zeros == 0

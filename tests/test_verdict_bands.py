@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import fastdigest
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -260,9 +261,9 @@ def _width_at_quantiles(rows: list[Row], values: Floats) -> Floats:
 
 
 def test_bands_are_narrow_enough_to_decide() -> None:
-    """Median band width at p50..p99 of continuous shapes: about two centroids' share
-    (0.3 % of the samples) for one digest (proven rule), about three times that for a
-    merged one (measured rule)."""
+    """Median band width at p50..p99 of continuous shapes: the share of the samples in
+    the bound's bucket, about 1 % of them; a merged digest's band is the same (merging
+    sketches loses nothing)."""
     rng = np.random.default_rng(7)
     one, merged = [], []
     for name in CONTINUOUS:
@@ -272,16 +273,24 @@ def test_bands_are_narrow_enough_to_decide() -> None:
             parts = split(values, 3, "arrival", rng)
             merged.extend(_width_at_quantiles(
                 [merged_row([row_of(p, False) for p in parts])], values))
-    assert 0 < float(np.median(one)) < 0.005
-    assert float(np.median(one)) < float(np.median(merged)) < 0.012
+    assert 0 < float(np.median(one)) < 0.012
+    assert one == merged
 
 
-# --- which rule -----------------------------------------------------------------------
+# --- rows of the t-digest era ----------------------------------------------------------
+
+
+def legacy_digest(values: Floats, weights: Floats | None = None) -> digest.Centroids:
+    """A t-digest as rows stored before sketches hold it (fastdigest, 300 centroids)."""
+    built = fastdigest.TDigest.from_values(values, weights,
+                                           max_centroids=band.LEGACY_CENTROIDS)
+    return np.asarray(built.centroids, dtype=np.float64).reshape(-1, 2)
+
 
 @pytest.mark.parametrize("n", [1, 2, 17, 299, 300, 301, 1000, 4321, 65_536, 1_000_003])
 def test_one_pass_weights_are_fastdigests(n: int) -> None:
     values = np.random.default_rng(n).lognormal(0, 1, n)
-    weights = digest.from_values(values)[:, 1]
+    weights = legacy_digest(values)[:, 1]
     assert list(band.one_pass_weights(n)) == list(weights)
     assert band.is_one_pass(weights)
 
@@ -289,12 +298,40 @@ def test_one_pass_weights_are_fastdigests(n: int) -> None:
 def test_merged_digests_use_the_merged_rule() -> None:
     rng = np.random.default_rng(3)
     values = rng.lognormal(0, 1, 20000)
-    parts = [digest.from_values(p) for p in np.array_split(values, 4)]
-    assert not band.is_one_pass(digest.merge(parts)[:, 1])
+    parts = [legacy_digest(p) for p in np.array_split(values, 4)]
+    stacked = np.concatenate(parts)
+    assert not band.is_one_pass(legacy_digest(stacked[:, 0], stacked[:, 1])[:, 1])
     # Parts of single samples merge into exactly a one-pass digest of the samples.
-    small = [digest.from_values(p) for p in np.array_split(values[:400], 4)]
+    small = [legacy_digest(p) for p in np.array_split(values[:400], 4)]
     assert all((p[:, 1] == 1).all() for p in small)
-    assert band.is_one_pass(digest.merge(small)[:, 1])
+    stacked = np.concatenate(small)
+    assert band.is_one_pass(legacy_digest(stacked[:, 0], stacked[:, 1])[:, 1])
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_band_of_legacy_rows_holds_the_exact_rank(name: str) -> None:
+    """Rows stored as t-digests keep their own rules (td_report.band's envelopes)."""
+    rng = np.random.default_rng(17)
+    values = DISTRIBUTIONS[name](rng, 20000)
+    bounds = np.quantile(values, [0.01, 0.25, 0.5, 0.9, 0.95, 0.99, 0.999])
+    ordered = np.sort(values)
+    nonzero = values[values != 0.0]
+    for parts in (1, 3):
+        chunks = [c[c != 0.0] for c in np.array_split(values, parts)]
+        built = [legacy_digest(c) for c in chunks if len(c)]
+        if not built:
+            continue
+        stacked = np.concatenate(built)
+        centroids = legacy_digest(stacked[:, 0], stacked[:, 1]) if parts > 1 else built[0]
+        below_lo, below_hi, at_lo, at_hi = band.part_count_arrays(
+            centroids, bounds, float(values.min()), float(values.max()),
+            len(values) - len(nonzero), len(values))
+        below = np.searchsorted(ordered, bounds, side="left")
+        at = np.searchsorted(ordered, bounds, side="right")
+        assert (below_lo <= below).all(), name
+        assert (below <= below_hi).all(), name
+        assert (at_lo <= at).all(), name
+        assert (at <= at_hi).all(), name
 
 
 # --- verdicts -------------------------------------------------------------------------
