@@ -11,9 +11,9 @@ from common.protocol import ROLE_TD, Limits, TrendPartial, parse_trend_item
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Merging is deferred: parts pile up and are merged in one pass until they hold this many
-# rows (16 bytes each), which keeps an open (series, bucket) under 16 KiB however many
-# generators feed it, unless its merged sketch alone has more buckets.
-_COMPACT_ABOVE_CENTROIDS = 1000
+# rows (16 bytes each, 12 KiB), which keeps an open (series, bucket) under 16 KiB however
+# many generators feed it, unless its merged sketch alone has more buckets.
+_COMPACT_ABOVE_CENTROIDS = 768
 
 
 class TrendState:
