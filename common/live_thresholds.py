@@ -56,7 +56,7 @@ FEED_SLICE = 100
 
 # One stored or written row, as the accumulators take it: (metric, tags, bucket start,
 # bucket end, kind, fields); fields are a trend's (count, sum, min, max, zeros,
-# centroids) or a counter's (value, count, nonzero, min, max, state).
+# centroids, sum_rest) or a counter's (value, count, nonzero, min, max, state).
 Row = tuple[str, Mapping[str, str], float, float, str, tuple[Any, ...]]
 
 
@@ -132,7 +132,7 @@ def stored_row(table: str, record: Mapping[str, Any]) -> Row:
     if table == "trend_buckets":
         return (record["metric"], tags, record["bucket"], end, "trend",
                 (record["count"], record["sum"], record["min"], record["max"],
-                 record["zeros"], digest.decode(record["digest"])))
+                 record["zeros"], digest.decode(record["digest"]), record["sum_rest"]))
     state = orjson.loads(record["state"]) if record["state"] else None
     return (record["metric"], tags, record["bucket"], end, record["metric_type"],
             (record["value"], record["count"], record["nonzero"], record["min"],
@@ -149,9 +149,10 @@ def written_rows(aggregator: Aggregator[Any, Any], bucket_seconds: int,
         if aggregator.role == "td":
             parts = state.parts
             centroids = parts[0] if len(parts) == 1 else digest.merge(parts)
+            total, *rest = state.sum.expansion()
             row: Row = (metric, dict(tags), float(bucket), float(bucket + bucket_seconds),
-                        "trend", (state.count, state.total, state.lo, state.hi, state.zeros,
-                                  centroids))
+                        "trend", (state.count, total, state.lo, state.hi, state.zeros,
+                                  centroids, rest))
         else:
             kind, value, count, nonzero, lo, hi, extra = aggregator.values(state)
             row = (metric, dict(tags), float(bucket), float(bucket + bucket_seconds), kind,

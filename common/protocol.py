@@ -74,6 +74,9 @@ class TrendPartial(NamedTuple):
     hi: float
     centroids: digest.Centroids
     zeros: int = 0
+    # What rounding left out of ``total``: total + rest is the samples' exact sum
+    # (common.exactsum). Sent as an 11th field when not empty.
+    rest: tuple[float, ...] = ()
 
 
 class CounterPartial(NamedTuple):
@@ -89,6 +92,7 @@ class CounterPartial(NamedTuple):
     hi: float
     last_ns: int
     last_value: float
+    rest: tuple[float, ...] = ()  # as TrendPartial's; a 13th field when not empty
 
 
 class Hello(NamedTuple):
@@ -179,6 +183,7 @@ def generator(g: Generator) -> bytes:
 
 
 MAX_THRESHOLDS = 1000
+MAX_SUM_TERMS = 40  # common.exactsum.MAX_TERMS
 MAX_THRESHOLD_TEXT = 1024
 
 
@@ -254,13 +259,19 @@ def items_refused(seq: int, refusals: list[ItemRefusal]) -> bytes:
 
 
 def trend_item(p: TrendPartial) -> list[Any]:
-    return [p.metric, dict(p.tags), p.bucket, p.bucket_seconds, p.samples, p.total, p.lo, p.hi,
+    item = [p.metric, dict(p.tags), p.bucket, p.bucket_seconds, p.samples, p.total, p.lo, p.hi,
             digest.encode(p.centroids), p.zeros]
+    if p.rest:
+        item.append(list(p.rest))
+    return item
 
 
 def counter_item(p: CounterPartial) -> list[Any]:
-    return [p.metric, p.kind, dict(p.tags), p.bucket, p.bucket_seconds, p.total, p.samples,
+    item = [p.metric, p.kind, dict(p.tags), p.bucket, p.bucket_seconds, p.total, p.samples,
             p.nonzero, p.lo, p.hi, p.last_ns, p.last_value]
+    if p.rest:
+        item.append(list(p.rest))
+    return item
 
 
 # --- decoding -----------------------------------------------------------------------
@@ -421,6 +432,21 @@ def _sum(value: object, count: int, lo: float, hi: float) -> float:
     return total
 
 
+def _rest(value: object, total: float) -> tuple[float, ...]:
+    """The terms that make ``total`` exact: finite, each smaller than the one before."""
+    if not isinstance(value, list) or len(value) > MAX_SUM_TERMS:
+        raise Refused("bad_field", f"sum_rest must be a list of at most {MAX_SUM_TERMS} "
+                      f"numbers")
+    terms = tuple(_finite(term, "sum_rest") for term in value)
+    previous = abs(total)
+    for term in terms:
+        if term == 0.0 or abs(term) > previous:
+            raise Refused("bad_field", "each sum_rest term must be non-zero and smaller "
+                          "than the one before it")
+        previous = abs(term)
+    return terms
+
+
 def _tags(value: object, limits: Limits,
           notes: Counter[str] | None) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
@@ -516,9 +542,9 @@ def parse_generator(message: dict[str, Any], limits: Limits) -> Generator:
 
 def parse_trend_item(item: object, limits: Limits,
                      notes: Counter[str] | None = None) -> TrendPartial:
-    if not isinstance(item, list) or len(item) != 10:
-        raise Refused("bad_item", "a trend item is a list of 10 fields")
-    metric, tags, bucket, width, count, total, lo, hi, blob, zero_count = item
+    if not isinstance(item, list) or len(item) not in (10, 11):
+        raise Refused("bad_item", "a trend item is a list of 10 fields (11 with sum_rest)")
+    metric, tags, bucket, width, count, total, lo, hi, blob, zero_count = item[:10]
     start, seconds = _bucket(bucket, width)
     n = _int(count, "count", 1)
     zeros = _int(zero_count, "zeros")
@@ -545,16 +571,17 @@ def parse_trend_item(item: object, limits: Limits,
     if not abs(weight + zeros - n) <= 1e-6 * n:
         raise Refused("bad_digest",
                       f"centroid weights sum to {weight} with {zeros} zeros, count is {n}")
+    checked = _sum(total, n, low, high)
     return TrendPartial(_text(metric, "metric", limits.max_name_length),
-                        _tags(tags, limits, notes), start, seconds, n,
-                        _sum(total, n, low, high), low, high, centroids, zeros)
+                        _tags(tags, limits, notes), start, seconds, n, checked, low, high,
+                        centroids, zeros, _rest(item[10], checked) if len(item) == 11 else ())
 
 
 def parse_counter_item(item: object, limits: Limits,
                        notes: Counter[str] | None = None) -> CounterPartial:
-    if not isinstance(item, list) or len(item) != 12:
-        raise Refused("bad_item", "a counter item is a list of 12 fields")
-    metric, kind, tags, bucket, width, total, count, nonzero, lo, hi, last_ns, last = item
+    if not isinstance(item, list) or len(item) not in (12, 13):
+        raise Refused("bad_item", "a counter item is a list of 12 fields (13 with sum_rest)")
+    metric, kind, tags, bucket, width, total, count, nonzero, lo, hi, last_ns, last = item[:12]
     if kind not in NON_TD_KINDS:
         raise Refused("bad_kind", f"metric kind {kind!r} is not one of {NON_TD_KINDS}")
     start, seconds = _bucket(bucket, width)
@@ -568,7 +595,8 @@ def parse_counter_item(item: object, limits: Limits,
     last_value = _value(last, "last_value", limits)
     if kind == "gauge" and not low <= last_value <= high:
         raise Refused("bad_field", "a gauge's last_value lies outside [min, max]")
+    checked = _sum(total, n, low, high)
     return CounterPartial(_text(metric, "metric", limits.max_name_length), kind,
-                          _tags(tags, limits, notes), start, seconds,
-                          _sum(total, n, low, high), n, nz, low, high,
-                          _int(last_ns, "last_ns", 0, 2**63 - 1), last_value)
+                          _tags(tags, limits, notes), start, seconds, checked, n, nz, low,
+                          high, _int(last_ns, "last_ns", 0, 2**63 - 1), last_value,
+                          _rest(item[12], checked) if len(item) == 13 else ())

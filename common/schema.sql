@@ -26,8 +26,12 @@ CREATE TABLE IF NOT EXISTS trend_buckets (
     p99             double precision NOT NULL,
     digest          bytea            NOT NULL,
     zeros           bigint           NOT NULL DEFAULT 0,
-    wal_pos         bigint           NOT NULL DEFAULT 0
+    wal_pos         bigint           NOT NULL DEFAULT 0,
+    sum_rest        double precision[]
 );
+-- sum is the exact sum of the samples correctly rounded; sum_rest what rounding left out
+-- (NULL when nothing): sum + the terms of sum_rest is exact (common/exactsum.py).
+ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS sum_rest double precision[];
 
 CREATE TABLE IF NOT EXISTS counter_buckets (
     bucket          timestamptz      NOT NULL,

@@ -26,7 +26,6 @@ the gauge's last value, take a slower branch.
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import sys
 from array import array
@@ -39,6 +38,7 @@ import numpy as np
 import orjson
 
 from common import digest
+from common.exactsum import expansion_of
 from common.protocol import (
     MAX_ABS_VALUE,
     CounterPartial,
@@ -616,19 +616,20 @@ class LineAggregator:
                     (k, self._tag_text(str(v)))
                     for k, v in zip(self.tag_keys, tag_values, strict=True) if v is not None))
                 values = np.frombuffer(series.values, dtype=np.float64)
-                count, total = len(values), math.fsum(series.values)
+                count = len(values)
+                total, *rest = expansion_of(values)  # the exact sum, correctly rounded first
                 lo, hi = float(values.min()), float(values.max())
                 if kind == "trend":
                     centroids, zeros = digest.split_zeros(values)
                     trends.append(TrendPartial(metric, tags, bucket, width, count, total, lo,
-                                               hi, centroids, zeros))
+                                               hi, centroids, zeros, tuple(rest)))
                     continue
                 last_ns, last_value = 0, 0.0
                 if isinstance(series, _Gauge):
                     last_ns, last_value = max(series.last_ns, 0), float(series.last_value)
                 counters.append(CounterPartial(
                     metric, kind, tags, bucket, width, total, count,
-                    int(np.count_nonzero(values)), lo, hi, last_ns, last_value))
+                    int(np.count_nonzero(values)), lo, hi, last_ns, last_value, tuple(rest)))
         return trends, counters
 
     def _tag_text(self, value: str) -> str:

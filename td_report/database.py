@@ -287,7 +287,7 @@ class Reader:
         """The run's rows of one table overlapping [start, end), ordered by metric, bucket;
         only of ``metrics`` when given."""
         if table == "trend_buckets":
-            columns = "count, sum, min, max, zeros, digest"
+            columns = "count, sum, min, max, zeros, digest, sum_rest"
         else:
             columns = "metric_type, value, count, nonzero, min, max, state::text AS state"
         condition, args = _conditions(run_id, start, end, where)

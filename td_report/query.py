@@ -324,7 +324,7 @@ class _Feeder:
         if table == "trend_buckets":
             centroids = digest.decode(row["digest"])
             args: tuple[Any, ...] = (row["count"], row["sum"], row["min"], row["max"],
-                                     row["zeros"], centroids)
+                                     row["zeros"], centroids, row["sum_rest"])
             for target in self._targets(metric, "trend", tags):
                 assert target.trend is not None
                 target.trend.add(*args)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from common import digest
+from common.exactsum import ExactSum
 from td_report import band
 from td_report.thresholds import Expression
 
@@ -52,12 +53,12 @@ class CounterStats:
 
 
 class TrendAccumulator:
-    __slots__ = ("count", "total", "lo", "hi", "zeros", "parts", "pending", "_merged",
+    __slots__ = ("count", "sum", "lo", "hi", "zeros", "parts", "pending", "_merged",
                  "bounds", "_counts")
 
     def __init__(self) -> None:
         self.count = 0
-        self.total = 0.0
+        self.sum = ExactSum()  # rows' sums and their sum_rest: exact, however many rows
         self.lo = math.inf
         self.hi = -math.inf
         self.zeros = 0
@@ -85,10 +86,14 @@ class TrendAccumulator:
         column = self._counts[:, self.bounds.index(bound)]
         return band.Counts(self.count, *(float(x) for x in column))
 
+    @property
+    def total(self) -> float:
+        return self.sum.value()
+
     def add(self, count: int, total: float, lo: float, hi: float, zeros: int,
-            centroids: digest.Centroids) -> None:
+            centroids: digest.Centroids, rest: Sequence[float] | None = None) -> None:
         self.count += count
-        self.total += total
+        self.sum.add(ExactSum.of_expansion((total, *(rest or ()))))
         self.lo = min(self.lo, lo)
         self.hi = max(self.hi, hi)
         self.zeros += zeros
@@ -120,19 +125,20 @@ class TrendAccumulator:
         if not self.count:
             return TrendStats(0, 0.0, 0.0, 0.0, 0.0, 0, {q: 0.0 for q in qs})
         values = self.quantiles(qs)
-        return TrendStats(self.count, self.total, self.lo, self.hi, self.total / self.count,
+        total = self.total
+        return TrendStats(self.count, total, self.lo, self.hi, total / self.count,
                           self.zeros, dict(zip(qs, values, strict=True)))
 
 
 class CounterAccumulator:
     """Sums of counter, rate or gauge rows; for gauges also the latest bucket's value."""
 
-    __slots__ = ("kind", "total", "samples", "nonzero", "lo", "hi", "last_bucket",
+    __slots__ = ("kind", "sum", "samples", "nonzero", "lo", "hi", "last_bucket",
                  "last_by_producer", "last_stateless")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.total = 0.0
+        self.sum = ExactSum()  # counters: the rows' exact sums
         self.samples = 0
         self.nonzero = 0
         self.lo = math.inf
@@ -144,7 +150,11 @@ class CounterAccumulator:
 
     def add(self, bucket: float, value: float, count: int, nonzero: int, lo: float, hi: float,
             state: Mapping[str, Any] | None) -> None:
-        self.total += value if self.kind == "counter" else 0.0
+        if self.kind == "counter":
+            if state and "sum" in state:  # the exact sum: rounded, and what was left out
+                self.sum.add(ExactSum.of_expansion((state["sum"], *state.get("sum_rest", ()))))
+            else:
+                self.sum.add_float(value)
         self.samples += count
         self.nonzero += nonzero
         self.lo = min(self.lo, lo)
@@ -165,6 +175,10 @@ class CounterAccumulator:
             seen = self.last_by_producer.get(producer)
             if seen is None or ns >= seen[0]:
                 self.last_by_producer[producer] = (ns, sample)
+
+    @property
+    def total(self) -> float:
+        return self.sum.value()
 
     def stats(self, span_seconds: float) -> CounterStats:
         if not self.samples:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from common import digest
 from common.aggregate import BucketKey
+from common.exactsum import ExactSum
 from common.protocol import ROLE_TD, Limits, TrendPartial, parse_trend_item
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
@@ -17,17 +19,23 @@ _COMPACT_ABOVE_CENTROIDS = 768
 
 
 class TrendState:
-    __slots__ = ("count", "total", "lo", "hi", "parts", "zeros", "held")
+    __slots__ = ("count", "sum", "lo", "hi", "parts", "zeros", "held")
 
     def __init__(self, count: int, total: float, lo: float, hi: float,
-                 parts: list[digest.Centroids], zeros: int) -> None:
+                 parts: list[digest.Centroids], zeros: int,
+                 rest: Sequence[float] = ()) -> None:
         self.count = count
         self.zeros = zeros
-        self.total = total
+        self.sum = ExactSum.of_expansion((total, *rest))  # exact through every merge
         self.lo = lo
         self.hi = hi
         self.parts = parts
         self.held = sum(len(p) for p in parts)
+
+    @property
+    def total(self) -> float:
+        """The exact sum, correctly rounded."""
+        return self.sum.value()
 
     def merge_digest(self, centroids: digest.Centroids) -> None:
         self.parts.append(centroids)
@@ -41,8 +49,8 @@ class TrendAggregator:
     role = ROLE_TD
     table = "trend_buckets"
     value_columns = ("count", "sum", "min", "max", "mean", "p50", "p90", "p95", "p99", "digest",
-                     "zeros")
-    stored_columns = ("count", "sum", "min", "max", "digest", "zeros")
+                     "zeros", "sum_rest")
+    stored_columns = ("count", "sum", "min", "max", "digest", "zeros", "sum_rest")
 
     def parse_item(self, item: object, limits: Limits,
                    notes: Counter[str] | None = None) -> TrendPartial:
@@ -59,12 +67,12 @@ class TrendAggregator:
 
     def new_state(self, partial: TrendPartial, producer: str) -> TrendState:
         return TrendState(partial.samples, partial.total, partial.lo, partial.hi,
-                          [partial.centroids], partial.zeros)
+                          [partial.centroids], partial.zeros, partial.rest)
 
     def add(self, state: TrendState, partial: TrendPartial, producer: str) -> None:
         state.count += partial.samples
         state.zeros += partial.zeros
-        state.total += partial.total
+        state.sum.add(ExactSum.of_expansion((partial.total, *partial.rest)))
         state.lo = min(state.lo, partial.lo)
         state.hi = max(state.hi, partial.hi)
         state.merge_digest(partial.centroids)
@@ -72,15 +80,15 @@ class TrendAggregator:
     def absorb(self, state: TrendState, other: TrendState) -> None:
         state.count += other.count
         state.zeros += other.zeros
-        state.total += other.total
+        state.sum.add(other.sum)
         state.lo = min(state.lo, other.lo)
         state.hi = max(state.hi, other.hi)
         for part in other.parts:
             state.merge_digest(part)
 
     def from_stored(self, stored: Any) -> TrendState:
-        count, total, lo, hi, blob, zeros = stored
-        return TrendState(count, total, lo, hi, [digest.decode(blob)], zeros)
+        count, total, lo, hi, blob, zeros, rest = stored
+        return TrendState(count, total, lo, hi, [digest.decode(blob)], zeros, rest or ())
 
     def values(self, state: TrendState) -> tuple[Any, ...]:
         merged = digest.merge(state.parts)
@@ -88,5 +96,6 @@ class TrendAggregator:
         state.held = len(merged)
         p50, p90, p95, p99 = digest.quantiles(merged, QUANTILES, state.lo, state.hi,
                                               state.zeros)
-        return (state.count, state.total, state.lo, state.hi, state.total / state.count,
-                p50, p90, p95, p99, digest.encode(merged), state.zeros)
+        total, *rest = state.sum.expansion()
+        return (state.count, total, state.lo, state.hi, total / state.count,
+                p50, p90, p95, p99, digest.encode(merged), state.zeros, rest or None)

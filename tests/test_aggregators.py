@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from common import digest
 from common.aggregate import OpenBuckets
+from common.exactsum import expansion_of
 from common.protocol import CounterPartial, TrendPartial
 from non_td_server.aggregator import CounterAggregator, CounterState
 from td_server.aggregator import TrendAggregator, TrendState
@@ -23,19 +25,22 @@ RUN = "run-1"
 
 def trend(values: list[float] | np.ndarray, bucket: int = B, metric: str = "http_req_duration",
           tags: tuple[tuple[str, str], ...] = (("name", "home"),)) -> TrendPartial:
-    """A partial as the forwarder builds it: exact zeros counted beside the digest."""
+    """A partial as the forwarder builds it: exact zeros counted beside the digest, the
+    exact sum as its correctly rounded value and the rest."""
     arr = np.asarray(values, dtype=np.float64)
     centroids, zeros = digest.split_zeros(arr)
-    return TrendPartial(metric, tags, bucket, W, len(arr), math.fsum(arr), float(arr.min()),
-                        float(arr.max()), centroids, zeros)
+    total, *rest = expansion_of(arr)
+    return TrendPartial(metric, tags, bucket, W, len(arr), total, float(arr.min()),
+                        float(arr.max()), centroids, zeros, tuple(rest))
 
 
 def counter(kind: str, values: list[float], last_ns: int = 0, bucket: int = B,
             metric: str = "m", tags: tuple[tuple[str, str], ...] = ()) -> CounterPartial:
     """A partial as the forwarder would build it from raw samples; last = values[-1]."""
-    return CounterPartial(metric, kind, tags, bucket, W, math.fsum(values), len(values),
+    total, *rest = expansion_of(np.asarray(values, dtype=np.float64))
+    return CounterPartial(metric, kind, tags, bucket, W, total, len(values),
                           sum(1 for v in values if v != 0), min(values), max(values), last_ns,
-                          values[-1])
+                          values[-1], tuple(rest))
 
 
 def as_row(aggregator: Any, values: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -53,8 +58,9 @@ def trend_row(values: tuple[Any, ...]) -> dict[str, Any]:
 
 def test_trend_columns() -> None:
     assert TrendAggregator.value_columns == ("count", "sum", "min", "max", "mean", "p50", "p90",
-                                             "p95", "p99", "digest", "zeros")
-    assert TrendAggregator.stored_columns == ("count", "sum", "min", "max", "digest", "zeros")
+                                             "p95", "p99", "digest", "zeros", "sum_rest")
+    assert TrendAggregator.stored_columns == ("count", "sum", "min", "max", "digest", "zeros",
+                                              "sum_rest")
     assert set(TrendAggregator.stored_columns) <= set(TrendAggregator.value_columns)
 
 
@@ -116,10 +122,13 @@ def test_trend_many_partials_compact_without_losing_mass() -> None:
         buckets.merge(RUN, f"gen-{i % 7}", trend(chunk))
     (state,) = [entry.state for entry in buckets.entries.values()]
     everything = np.concatenate(chunks)
-    count, total, lo, hi, mean, p50, p90, p95, p99, blob, zeros = aggregator.values(state)
+    count, total, lo, hi, mean, p50, p90, p95, p99, blob, zeros, rest = aggregator.values(state)
     assert count == 35_000
     assert zeros == 0
-    assert math.isclose(total, math.fsum(everything), rel_tol=1e-12)
+    # Exact through 70 partials: the correctly rounded sum, and with sum_rest the sum
+    # itself (each partial's sum was rounded, their float sum would be off).
+    assert total == math.fsum(everything)
+    assert sum(map(Fraction, [total, *(rest or [])])) == sum(map(Fraction, everything.tolist()))
     assert (lo, hi) == (float(everything.min()), float(everything.max()))
     assert math.isclose(mean, float(np.mean(everything)), rel_tol=1e-12)
     stored = digest.decode(blob)
@@ -150,7 +159,7 @@ def test_trend_stored_round_trip_and_late_absorb() -> None:
     for part in on_time[1:]:
         aggregator.add(written, trend(part), "b")
     row = as_row(aggregator, aggregator.values(written))
-    count, total, lo, hi, blob, zeros = row
+    count, total, lo, hi, blob, zeros, _ = row
     assert isinstance(blob, bytes)
     assert (count, zeros) == (12_000, 0)
 
@@ -263,7 +272,7 @@ def test_trend_zeros_through_storage_absorb_and_late_merge() -> None:
     assert written.zeros == on_time_zeros
     row = as_row(aggregator, aggregator.values(written))
     assert row[0] == 12_000
-    assert row[-1] == on_time_zeros
+    assert row[5] == on_time_zeros
     reread = aggregator.from_stored(row)
     assert (reread.count, reread.zeros) == (12_000, on_time_zeros)
     assert aggregator.values(reread) == aggregator.values(written)

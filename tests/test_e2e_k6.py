@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,11 @@ async def test_two_generators_accurate_and_exact(dsn: str, tmp_path: Path) -> No
         assert row["count"] == len(values), key
         assert row["min"] == values.min(), key
         assert row["max"] == values.max(), key
-        assert row["sum"] == pytest.approx(values.sum(), rel=1e-9, abs=1e-9), key
+        # Exact: the correctly rounded sum of both generators' samples, and with
+        # sum_rest the sum itself.
+        assert row["sum"] == math.fsum(values.tolist()), key
+        assert sum(map(Fraction, [row["sum"], *(row["sum_rest"] or [])])) == sum(
+            map(Fraction, values.tolist())), key
         assert row["zeros"] == np.count_nonzero(values == 0), key
         weights = digest.decode(row["digest"])[:, 1].sum()
         assert weights + row["zeros"] == pytest.approx(len(values)), key
@@ -96,7 +102,10 @@ async def test_two_generators_accurate_and_exact(dsn: str, tmp_path: Path) -> No
         assert row["min"] == min(values), key
         assert row["max"] == max(values), key
         if kind == "counter":
-            assert row["value"] == sum(values), key
+            assert row["value"] == math.fsum(values), key
+            state = json.loads(row["state"])
+            assert sum(map(Fraction, [state["sum"], *state.get("sum_rest", [])])) == sum(
+                map(Fraction, values)), key
         elif kind == "rate":
             assert row["nonzero"] == sum(1 for v in values if v), key
             assert row["value"] == pytest.approx(row["nonzero"] / len(values))

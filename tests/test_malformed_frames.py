@@ -192,7 +192,9 @@ def frame_kinds(role: str) -> list[Kind]:
         Kind("too many items", "too_many_items", lambda i: data(i, [good] * (MAX_ITEMS + 1)),
              echo=False),
         Kind("item of wrong arity", "bad_item",
-             lambda i: data(i, [cycle([good[:-1], [*good, 0], [], good[:1]], i)])),
+             lambda i: data(i, [cycle([good[:-1], [*good, [], 0], [], good[:1]], i)])),
+        Kind("bad sum_rest", "bad_field",
+             lambda i: data(i, [cycle([[*good, 0], [*good, [1.0] * 41], [*good, [0.0]]], i)])),
         Kind("item not a list", "bad_item", lambda i: data(i, [cycle(["x", 1, {"a": 1}], i)])),
         Kind("non-finite sum/min/max", "not_finite",
              lambda i: data(i, [item(role, **{cycle(["total", "lo", "hi"], i):

@@ -406,7 +406,11 @@ TREND_REFUSALS = [
     ("map", lambda i: {"metric": i[0]}, "bad_item"),
     ("8 fields", lambda i: i[:8], "bad_item"),
     ("9 fields (no zeros, the old layout)", lambda i: i[:9], "bad_item"),
-    ("11 fields", lambda i: [*i, 0], "bad_item"),
+    ("12 fields", lambda i: [*i, [], 0], "bad_item"),
+    ("sum_rest not a list", lambda i: [*i, 0], "bad_field"),
+    ("sum_rest growing", lambda i: [*i, [1e-20, 1e-10]], "bad_field"),
+    ("sum_rest with a zero", lambda i: [*i, [0.0]], "bad_field"),
+    ("sum_rest not finite", lambda i: [*i, [float("nan")]], "not_finite"),
     # bucket
     ("negative bucket", lambda i: with_field(i, 2, -10), "bad_field"),
     ("float bucket", lambda i: with_field(i, 2, float(BUCKET)), "bad_field"),
@@ -581,7 +585,8 @@ def test_parse_good_counter_items() -> None:
 COUNTER_REFUSALS = [
     ("not a list", lambda i: tuple(i), "bad_item"),
     ("11 fields", lambda i: i[:11], "bad_item"),
-    ("13 fields", lambda i: [*i, 0], "bad_item"),
+    ("14 fields", lambda i: [*i, [], 0], "bad_item"),
+    ("sum_rest not a list", lambda i: [*i, "x"], "bad_field"),
     ("kind trend", lambda i: with_field(i, 1, "trend"), "bad_kind"),
     ("kind unknown", lambda i: with_field(i, 1, "histogram"), "bad_kind"),
     ("kind none", lambda i: with_field(i, 1, None), "bad_kind"),
