@@ -31,6 +31,7 @@ class GeneratorRow:
     first_ns: int | None = None
     last_ns: int | None = None
     samples: int | None = None
+    units: dict[str, str] | None = None
 
     def absorb(self, g: Generator) -> None:
         if g.state == "start":
@@ -38,7 +39,7 @@ class GeneratorRow:
         else:
             self.ended_at = g.at
         for name in ("host", "k6_version", "script", "exit_status", "first_ns", "last_ns",
-                     "samples"):
+                     "samples", "units"):
             if getattr(g, name) is not None:
                 setattr(self, name, getattr(g, name))
 

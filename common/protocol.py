@@ -123,6 +123,8 @@ class Generator(NamedTuple):
     first_ns: int | None = None
     last_ns: int | None = None
     samples: int | None = None
+    # metric -> "time" or "data", as k6's Metric lines say ("contains"), at the end.
+    units: dict[str, str] | None = None
 
 
 class ItemRefusal(NamedTuple):
@@ -176,7 +178,7 @@ def generator(g: Generator) -> bytes:
     """A generator frame: numbered, acknowledged, logged and resent like a data frame."""
     message = {"type": "generator", "seq": g.seq, "state": g.state, "at": g.at}
     for name in ("host", "k6_version", "script", "exit_status", "first_ns", "last_ns",
-                 "samples"):
+                 "samples", "units"):
         if getattr(g, name) is not None:
             message[name] = getattr(g, name)
     return frame(message)
@@ -537,7 +539,24 @@ def parse_generator(message: dict[str, Any], limits: Limits) -> Generator:
                             ("last_ns", 0, 2**63 - 1), ("samples", 0, 2**63 - 1)):
         value = message.get(name)
         numbers[name] = None if value is None else _int(value, name, low, high)
-    return Generator(seq, state, _finite(message.get("at"), "at"), **texts, **numbers)
+    return Generator(seq, state, _finite(message.get("at"), "at"), **texts, **numbers,
+                     units=_units(message.get("units"), limits))
+
+
+MAX_UNITS = 10_000
+
+
+def _units(value: object, limits: Limits) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_UNITS:
+        raise Refused("bad_field", f"units must be a map of at most {MAX_UNITS} metrics")
+    units = {}
+    for metric, unit in value.items():
+        if unit not in ("time", "data"):
+            raise Refused("bad_field", "a metric's unit is 'time' or 'data'")
+        units[_text(metric, "metric", limits.max_name_length)] = unit
+    return units
 
 
 def parse_trend_item(item: object, limits: Limits,

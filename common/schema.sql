@@ -123,8 +123,12 @@ CREATE TABLE IF NOT EXISTS generators (
     samples            bigint,
     td_written_at      timestamptz,
     non_td_written_at  timestamptz,
+    units              jsonb,
     PRIMARY KEY (run_id, producer)
 );
+-- units: {metric: "time" | "data"} as k6's Metric lines say ("contains"), so that a
+-- report shows a custom time Trend in ms/s as k6 does.
+ALTER TABLE generators ADD COLUMN IF NOT EXISTS units jsonb;
 
 -- Every evaluation of a run's global thresholds, appended each time a server has written
 -- buckets of the run: over all generators, cumulative from the run's start up to

@@ -92,11 +92,11 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
 
 
 _GENERATOR_COLUMNS = ("host", "k6_version", "script", "started_at", "ended_at",
-                      "exit_status", "first_sample", "last_sample", "samples")
+                      "exit_status", "first_sample", "last_sample", "samples", "units")
 _GENERATOR_UPSERT = (
     f"INSERT INTO generators (run_id, producer, {', '.join(_GENERATOR_COLUMNS)}) VALUES "
     "($1, $2, $3, $4, $5, to_timestamp($6), to_timestamp($7), $8, to_timestamp($9), "
-    "to_timestamp($10), $11) ON CONFLICT (run_id, producer) DO UPDATE SET "
+    "to_timestamp($10), $11, $12::jsonb) ON CONFLICT (run_id, producer) DO UPDATE SET "
     + ", ".join(f"{c} = coalesce(EXCLUDED.{c}, generators.{c})" for c in _GENERATOR_COLUMNS))
 
 
@@ -182,7 +182,8 @@ class PgSink:
             await conn.executemany(_GENERATOR_UPSERT, [
                 (r.run_id, r.producer, r.host, r.k6_version, r.script, r.started_at,
                  r.ended_at, r.exit_status, _seconds(r.first_ns), _seconds(r.last_ns),
-                 r.samples) for r in rows])
+                 r.samples, None if r.units is None else orjson.dumps(r.units).decode())
+                for r in rows])
 
     async def mark_written(self, keys: list[tuple[str, str]]) -> None:
         """Every bucket of these generators that this server holds is in the database."""

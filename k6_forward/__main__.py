@@ -279,7 +279,7 @@ class Forwarder:
         lines = self.lines
         ended = protocol.Generator(0, "end", time.time(), exit_status=exit_status,
                                    first_ns=lines.first_ns, last_ns=lines.last_ns,
-                                   samples=lines.samples)
+                                   samples=lines.samples, units=dict(lines.units) or None)
         for link in (self.td, self.non_td):
             await link.send_generator(ended)
         await self.td.wait_acked()

@@ -50,6 +50,7 @@ from common.protocol import (
 from common.timebucket import NS_PER_S, parse_epoch_ns, parse_epoch_seconds
 
 KINDS = ("trend", "counter", "gauge", "rate")
+UNITS = ("time", "data")  # what a k6 Metric line's "contains" may say besides "default"
 _EMPTY_TAGS: dict[str, str] = {}
 _MAX_CACHED_TAGS = 10_000
 _MAX_CACHED_SECONDS = 4096
@@ -154,6 +155,7 @@ class LineAggregator:
         self._fragment: tuple[bytes, int] | None = None  # start of a cut line, its number
         self.bucket_seconds = bucket_seconds
         self.kinds: dict[str, str] = {}
+        self.units: dict[str, str] = {}  # metric -> "time" or "data", from its Metric line
         # bucket start -> (metric, tag values, kind) -> values of that series
         self.open: dict[int, dict[SeriesKey, _Series]] = {}
         self.watermark = 0  # highest event-time second seen
@@ -595,6 +597,10 @@ class LineAggregator:
             self.skip(where(), "unknown_metric_type",
                       f"metric {name!r} has unknown type {kind!r}; its points are skipped")
             return
+        contains = data.get("contains")
+        if contains in UNITS and text_problem(name) is None and (
+                len(name) <= self.limits.max_name_length):
+            self.units[name] = contains  # k6's unit: time (ms) or data (bytes)
         old = self.kinds.get(name)
         self.kinds[name] = kind
         if old is not None and old != kind:

@@ -145,7 +145,7 @@ _GENERATORS = (
     + ", ".join(_epoch(c) for c in ("first_sample", "last_sample"))
     + ", samples, "
     + ", ".join(_epoch(c) for c in ("td_written_at", "non_td_written_at"))
-    + " FROM generators WHERE run_id = $1"
+    + ", units::text AS units FROM generators WHERE run_id = $1"
     " ORDER BY started_at NULLS LAST, first_sample NULLS LAST, host NULLS LAST, producer")
 
 
@@ -169,6 +169,7 @@ class GeneratorInfo:
     samples: int | None = None
     td_written_at: float | None = None  # td-server has written all its buckets
     non_td_written_at: float | None = None  # non-td-server has
+    units: str | None = None  # JSON {metric: "time" | "data"} from k6's Metric lines
 
     @property
     def running(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
@@ -269,11 +269,11 @@ def trend_chart(report: Report, metric: str) -> str:
     lines = [Line(quantile_label(q).replace("(", "").replace(")", ""), color,
                   [(_mid(p), p.quantiles[i]) for p in points], width * 1.5)
              for i, (q, color) in enumerate(zip(CHART_QUANTILES, QUANTILE_COLORS, strict=True))]
-    is_time = metric in render.TIME_METRICS
+    is_time = render.unit_of(metric, report.units) == "time"
     y_label = axis_label_duration if is_time else axis_label_number
 
     def value_text(value: float) -> str:
-        return render.fmt_value(metric, value)
+        return render.fmt_value(metric, value, report.units)
 
     x_range = (report.extent.first, report.extent.last)
     total = sum(p.count for p in points)
@@ -400,18 +400,18 @@ def _summary_tables(report: Report) -> str:
             for s, t in zip(items, tags, strict=True):
                 assert s.trend is not None
                 st = s.trend.stats(qs)
-                m = s.metric
-                rows.append([m, *t, render.fmt_number(st.count), render.fmt_value(m, st.min),
-                             render.fmt_value(m, st.mean),
-                             *(render.fmt_value(m, st.quantiles[q]) for q in qs),
-                             render.fmt_value(m, st.max)])
+                m, u = s.metric, report.units
+                rows.append([m, *t, render.fmt_number(st.count), render.fmt_value(m, st.min, u),
+                             render.fmt_value(m, st.mean, u),
+                             *(render.fmt_value(m, st.quantiles[q], u) for q in qs),
+                             render.fmt_value(m, st.max, u)])
         elif kind == "counter":
             headers = ["metric", *by, "total", "rate"]
             for s, t in zip(items, tags, strict=True):
                 assert s.counter is not None
                 c = s.counter.stats(report.span_seconds)
-                rows.append([s.metric, *t, render.fmt_total(s.metric, c.total),
-                             render.fmt_rate_per_s(s.metric, c.rate)])
+                rows.append([s.metric, *t, render.fmt_total(s.metric, c.total, report.units),
+                             render.fmt_rate_per_s(s.metric, c.rate, report.units)])
         elif kind == "rate":
             headers = ["metric", *by, "rate", "non-zero", "samples"]
             for s, t in zip(items, tags, strict=True):
@@ -434,12 +434,13 @@ def _summary_tables(report: Report) -> str:
     return "".join(parts)
 
 
-def _thresholds(results: Sequence[ThresholdResult]) -> str:
+def _thresholds(results: Sequence[ThresholdResult], units: Mapping[str, str]) -> str:
     rows = []
     for r in sorted(results, key=lambda r: (r.ok, r.decided, r.threshold.selector)):
         badge = ('<span class="badge pass">pass</span>' if r.ok
                  else '<span class="badge fail">fail</span>')
-        observed = render.threshold_value_text(r) + (" (no samples)" if not r.samples else "")
+        observed = render.threshold_value_text(r, units) + (
+            " (no samples)" if not r.samples else "")
         if r.too_close:
             why = ("the exact value may lie on either side of the bound"
                    + ("; --strict-thresholds fails it" if r.strict else ""))
@@ -517,7 +518,7 @@ def render_html(report: Report) -> str:
     ]
     if report.thresholds:
         sections.append("<h2>Thresholds <span class='sub'>over all generators of the run"
-                        "</span></h2>" + _thresholds(report.thresholds))
+                        "</span></h2>" + _thresholds(report.thresholds, report.units))
     if report.generator_rows:
         sections.append("<h2>Generators <span class='sub'>"
                         f"{escape(generators.count_text(report.generator_rows))}</span></h2>"

@@ -104,6 +104,9 @@ class Report:
     group_paths: set[str] = field(default_factory=set)  # values of the k6 'group' tag
     checks: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # -> [pass, fail]
     rows: int = 0
+    # metric -> "time" or "data", as the generators' k6 said (render.unit_of falls back
+    # to k6's built-in metrics)
+    units: dict[str, str] = field(default_factory=dict)
 
     @property
     def span_seconds(self) -> float:
@@ -205,6 +208,9 @@ async def _build(reader: Reader, selection: Selection) -> Report:
     report = Report(selection, extent, span_start, span_end, kinds, tuple(sorted(stored)),
                     generators=count, generator_rows=generators or [],
                     span_source=span_source, span_note=span_note)
+    for generator in generators or []:
+        if generator.units:
+            report.units.update(orjson.loads(generator.units))
     feeder = _Feeder(report)
     where = dict(selection.where)
     for table in ("trend_buckets", "counter_buckets"):

@@ -7,7 +7,7 @@ import hashlib
 import io
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -68,17 +68,37 @@ def fmt_bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
-def fmt_value(metric: str, value: float) -> str:
-    """A trend figure in the metric's unit."""
-    return fmt_duration(value) if metric in TIME_METRICS else fmt_number(value)
-
-
-def fmt_total(metric: str, value: float) -> str:
-    return fmt_bytes(value) if metric in DATA_METRICS else fmt_number(value)
-
-
-def fmt_rate_per_s(metric: str, value: float) -> str:
+def unit_of(metric: str, units: Mapping[str, str] | None = None) -> str | None:
+    """"time" (ms), "data" (bytes) or None: as the run's k6 said (its Metric lines'
+    "contains", recorded by the forwarders), else as k6's built-in metrics are."""
+    if units and metric in units:
+        return units[metric]
+    if metric in TIME_METRICS:
+        return "time"
     if metric in DATA_METRICS:
+        return "data"
+    return None
+
+
+def fmt_value(metric: str, value: float, units: Mapping[str, str] | None = None) -> str:
+    """A trend figure in the metric's unit."""
+    unit = unit_of(metric, units)
+    if unit == "time":
+        return fmt_duration(value)
+    if unit == "data":
+        return fmt_bytes(value)
+    return fmt_number(value)
+
+
+def fmt_total(metric: str, value: float, units: Mapping[str, str] | None = None) -> str:
+    unit = unit_of(metric, units)
+    if unit == "data":
+        return fmt_bytes(value)
+    return fmt_duration(value) if unit == "time" else fmt_number(value)
+
+
+def fmt_rate_per_s(metric: str, value: float, units: Mapping[str, str] | None = None) -> str:
+    if unit_of(metric, units) == "data":
         return fmt_bytes(value) + "/s"
     return f"{value:.2f}/s" if value < 1e6 else f"{value:.4g}/s"
 
@@ -122,16 +142,17 @@ def rows_shown(report: Report) -> list[Selected]:
     return ordered(report.metrics.values())
 
 
-def threshold_value_text(result: ThresholdResult) -> str:
+def threshold_value_text(result: ThresholdResult,
+                         units: Mapping[str, str] | None = None) -> str:
     expression = result.threshold.expression
     label = expression.method_label
     metric = result.threshold.metric
     if result.kind == "trend":
-        return f"{label}={fmt_value(metric, result.value)}"
+        return f"{label}={fmt_value(metric, result.value, units)}"
     if result.kind == "rate":
         return f"{label}={fmt_percent(result.value)}"
     if expression.method == "rate":
-        return f"{label}={fmt_rate_per_s(metric, result.value)}"
+        return f"{label}={fmt_rate_per_s(metric, result.value, units)}"
     return f"{label}={fmt_number(result.value)}"
 
 
@@ -208,7 +229,7 @@ def threshold_lines(report: Report, stream: IO[str]) -> list[str]:
         empty = "  (no samples)" if not result.samples else ""
         doubt = too_close_text(result, close)
         lines.append(f"    {mark} '{result.threshold.expression.text}' "
-                     f"{threshold_value_text(result)}{empty}"
+                     f"{threshold_value_text(result, report.units)}{empty}"
                      + (f"  {doubt}" if doubt else ""))
     lines.append(f"  {thresholds_summary(report)}")
     return lines
@@ -305,17 +326,18 @@ def table_text(report: Report, stream: IO[str] | None = None) -> str:
             for s in items:
                 assert s.trend is not None
                 st = s.trend.stats(qs)
-                f = s.metric
+                f, u = s.metric, report.units
                 rows.append([s.metric, *_tag_cells(s), fmt_number(st.count),
-                             fmt_value(f, st.min), fmt_value(f, st.mean),
-                             *(fmt_value(f, st.quantiles[q]) for q in qs), fmt_value(f, st.max)])
+                             fmt_value(f, st.min, u), fmt_value(f, st.mean, u),
+                             *(fmt_value(f, st.quantiles[q], u) for q in qs),
+                             fmt_value(f, st.max, u)])
         elif kind == "counter":
             headers = ["metric", *by, "total", "rate"]
             for s in items:
                 assert s.counter is not None
                 c = s.counter.stats(report.span_seconds)
-                rows.append([s.metric, *_tag_cells(s), fmt_total(s.metric, c.total),
-                             fmt_rate_per_s(s.metric, c.rate)])
+                rows.append([s.metric, *_tag_cells(s), fmt_total(s.metric, c.total, report.units),
+                             fmt_rate_per_s(s.metric, c.rate, report.units)])
         elif kind == "rate":
             headers = ["metric", *by, "rate", "non-zero", "samples"]
             for s in items:

@@ -235,3 +235,37 @@ async def test_threshold_flags_are_judged_globally_in_the_file_form(dsn: str,
     maximum = float(durations.max())
     assert f"FAIL http_req_duration: max<0.001: observed {maximum:.6g}" in failed_err
     assert f"ok   http_reqs: count>0: observed {len(durations)}" in failed_err
+
+
+async def test_a_custom_time_trend_is_shown_in_k6s_units(dsn: str, tmp_path: Path) -> None:
+    """k6's Metric line says "contains": "time" for Trend('x', true): the forwarder
+    records it with the generator, and td-report prints 1.17s where it would print
+    1 174.1 for a plain number, as k6 does in its own summary."""
+    script = tmp_path / "units.js"
+    script.write_text(
+        "import { Trend } from 'k6/metrics';\n"
+        "const think = new Trend('think_time', true);\n"
+        "const plain = new Trend('cart_items');\n"
+        "export const options = { iterations: 20, vus: 1 };\n"
+        "export default function () { think.add(1174.1); plain.add(1174.1); }\n")
+    async with (
+        server_process("td_server", dsn, tmp_path, "--grace", str(GRACE)) as td,
+        server_process("non_td_server", dsn, tmp_path, "--grace", str(GRACE)) as non_td,
+    ):
+        process = await generator("http://127.0.0.1:1", td.address, non_td.address, "units",
+                                  tmp_path / "s.json", {}, script=script)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        assert await td.stop() == 0
+        assert await non_td.stop() == 0
+    (row,) = await fetch(dsn, "SELECT units FROM generators WHERE run_id = 'units'")
+    assert json.loads(row["units"])["think_time"] == "time"
+    report = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "td_report", "--dsn", dsn, "--run-id", "units",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    text, problems = await asyncio.wait_for(report.communicate(), 60)
+    assert report.returncode == 0, problems.decode()
+    lines = {line.split()[0]: line for line in text.decode().splitlines() if line.strip()}
+    assert "1.17s" in lines["think_time"]
+    assert "1 174.1" in lines["cart_items"]
+    assert "1.17s" not in lines["cart_items"]
