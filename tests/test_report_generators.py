@@ -106,7 +106,7 @@ async def start_report(dsn: str, *args: str) -> asyncio.subprocess.Process:
 
 async def stderr_line(process: asyncio.subprocess.Process) -> str:
     assert process.stderr is not None
-    line = await asyncio.wait_for(process.stderr.readline(), 60)
+    line = await asyncio.wait_for(process.stderr.readline(), 120)  # a loaded machine
     assert line, "td-report closed stderr without a line"
     return line.decode()
 
