@@ -155,3 +155,78 @@ CREATE TABLE IF NOT EXISTS threshold_evaluations (
 );
 CREATE INDEX IF NOT EXISTS threshold_evaluations_run
     ON threshold_evaluations (run_id, evaluated_at);
+
+-- Percentiles over any set of trend rows, in SQL: the same figures as td-report (within
+-- rounding, 1e-9 relative), from the stored sketches (common/digest.py), for a window,
+-- a tag subset, a Grafana $__interval:
+--   SELECT tdagg_percentile(0.95, array_agg(digest), sum(zeros), min(min), max(max))
+--   FROM trend_buckets WHERE run_id = 'R' AND metric = 'http_req_duration' AND ...
+-- NULL when a row holds a t-digest of an earlier release (td-report reads those).
+CREATE OR REPLACE FUNCTION tdagg_u32(d bytea, o integer) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT get_byte(d, o)::bigint | (get_byte(d, o + 1)::bigint << 8)
+         | (get_byte(d, o + 2)::bigint << 16) | (get_byte(d, o + 3)::bigint << 24)
+$$;
+
+-- The buckets of one sketch as (value, count): its header (magic d5 6b, version, flags,
+-- negative and positive bucket counts, zeros), int32 indices, then uint32 counts (uint64
+-- with flag bit 0). A bucket stands for its samples at 2 GAMMA^i / (GAMMA + 1).
+CREATE OR REPLACE FUNCTION tdagg_sketch(d bytea) RETURNS TABLE (value float8, count float8)
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    WITH f AS (  -- CASE, not WHERE: the planner may fold a constant's fields first
+        SELECT length(d) >= 20 AND length(d) % 16 <> 0 AND get_byte(d, 0) = 213
+               AND get_byte(d, 1) = 107 AS sketch
+    ), h AS (
+        SELECT CASE WHEN f.sketch THEN tdagg_u32(d, 4) END AS negative,
+               CASE WHEN f.sketch THEN tdagg_u32(d, 8) END AS positive,
+               CASE WHEN f.sketch THEN get_byte(d, 3) & 1 END AS wide
+        FROM f WHERE f.sketch
+    ), g AS (SELECT (1.0::float8 + 0.01) / (1.0::float8 - 0.01) AS gamma)
+    SELECT CASE WHEN i < h.negative THEN -1.0 ELSE 1.0 END
+             * exp(x.idx * ln(g.gamma) + ln(2.0 / (g.gamma + 1.0))),
+           CASE WHEN h.wide = 1
+                THEN (tdagg_u32(d, (20 + 4 * n + 8 * i)::integer)
+                      + tdagg_u32(d, (24 + 4 * n + 8 * i)::integer) * 4294967296)::float8
+                ELSE tdagg_u32(d, (20 + 4 * n + 4 * i)::integer)::float8 END
+    FROM h, g, LATERAL (SELECT h.negative + h.positive AS n) AS t,
+         generate_series(0::bigint, t.n - 1) AS i,
+         LATERAL (SELECT tdagg_u32(d, (20 + 4 * i)::integer) AS raw) AS r,
+         LATERAL (SELECT CASE WHEN r.raw >= 2147483648 THEN r.raw - 4294967296
+                              ELSE r.raw END AS idx) AS x
+$$;
+
+-- Quantile q of the samples of several rows, as numpy and k6 define it: the samples at
+-- ranks floor(q(n-1)) and the next, from their buckets (rank 0 and n-1 are the exact min
+-- and max), interpolated, clamped to [lo, hi]. zeros: the rows' exact zero counts.
+CREATE OR REPLACE FUNCTION tdagg_percentile(q float8, digests bytea[], zeros numeric,
+                                            lo float8, hi float8) RETURNS float8
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    WITH b AS (
+        SELECT s.value, sum(s.count) AS count
+        FROM unnest(digests) AS d(digest), tdagg_sketch(d.digest) AS s
+        GROUP BY s.value
+        UNION ALL
+        SELECT 0.0, zeros::float8 WHERE zeros > 0
+    ), c AS (
+        SELECT value, sum(count) OVER (ORDER BY value ROWS UNBOUNDED PRECEDING) AS ends
+        FROM b
+    ), r AS (
+        SELECT n, q * (n - 1) AS h, floor(q * (n - 1)) AS k
+        FROM (SELECT sum(count) AS n FROM b) AS t WHERE n > 0
+    ), v AS (
+        SELECT h, k,
+               CASE WHEN k <= 0 THEN lo WHEN k >= n - 1 THEN hi
+                    ELSE (SELECT value FROM c WHERE ends > k ORDER BY value LIMIT 1) END
+                   AS first,
+               CASE WHEN k + 1 >= n - 1 THEN hi
+                    ELSE (SELECT value FROM c WHERE ends > k + 1 ORDER BY value LIMIT 1) END
+                   AS second
+        FROM r
+    )
+    SELECT CASE
+        WHEN q IS NULL OR q < 0 OR q > 1 THEN NULL
+        WHEN EXISTS (SELECT 1 FROM unnest(digests) AS d(digest)
+                     WHERE length(d.digest) > 0 AND length(d.digest) % 16 = 0) THEN NULL
+        ELSE (SELECT greatest(lo, least(hi, first + (h - k) * (second - first))) FROM v)
+    END
+$$;
