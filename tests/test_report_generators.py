@@ -12,6 +12,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -97,11 +98,18 @@ def metric(report: dict[str, Any], name: str) -> dict[str, Any]:
     return found
 
 
+def default_sigint() -> None:
+    """In the child: a test run started in the background (`cmd &` in a script) ignores
+    SIGINT, children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def start_report(dsn: str, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "td_report", "--dsn", dsn, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL)
+        stdin=asyncio.subprocess.DEVNULL, preexec_fn=default_sigint,
+        env=dict(os.environ, PYTHONFAULTHANDLER="1"))
 
 
 async def stderr_line(process: asyncio.subprocess.Process) -> str:
@@ -112,7 +120,14 @@ async def stderr_line(process: asyncio.subprocess.Process) -> str:
 
 
 async def finish(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(asyncio.shield(process.communicate()), 60)
+    except TimeoutError:
+        # Where it is stuck: PYTHONFAULTHANDLER (start_report) prints every thread's
+        # stack on SIGABRT.
+        process.send_signal(signal.SIGABRT)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        raise AssertionError(f"td-report did not exit:\n{err.decode()}") from None
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
