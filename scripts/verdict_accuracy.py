@@ -41,6 +41,7 @@ from td_report import band
 from td_report.query import ThresholdResult
 from td_report.summary import Selected, TrendAccumulator, judge
 from td_report.thresholds import parse_threshold
+from td_server.aggregator import TrendState
 
 Floats = npt.NDArray[np.float64]
 Row = tuple[digest.Centroids, int, float, float, int]  # centroids, zeros, min, max, count
@@ -78,15 +79,12 @@ def partial(values: Floats) -> Row:
 
 
 def merged_row(rows: list[Row], late: bool = False) -> Row:
-    """Several generators' partials merged into one stored row, as td-server's
-    TrendState does (in one pass once more than 3 * MAX_CENTROIDS are held); ``late``:
-    the last partial merged into the stored digest afterwards."""
-    held: list[digest.Centroids] = []
+    """Several generators' partials merged into one stored row by td-server's TrendState;
+    ``late``: the last partial merged into the stored digest afterwards."""
+    held = TrendState(0, 0.0, 0.0, 0.0, [], 0)  # td-server's own deferred merging
     for centroids, *_ in rows[:-1] if late else rows:
-        held.append(centroids)
-        if sum(len(h) for h in held) > 3 * digest.MAX_CENTROIDS:
-            held = [digest.merge(held)]
-    merged = digest.merge(held)
+        held.merge_digest(centroids)
+    merged = digest.merge(held.parts)
     if late:
         merged = digest.merge([merged, rows[-1][0]])
     return (merged, sum(r[1] for r in rows), min(r[2] for r in rows),

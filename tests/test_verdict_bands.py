@@ -23,6 +23,7 @@ from common import digest
 from td_report import band
 from td_report.summary import Selected, TrendAccumulator, judge
 from td_report.thresholds import parse_expression
+from td_server.aggregator import TrendState
 
 Floats = npt.NDArray[np.float64]
 Row = tuple[digest.Centroids, int, float, float, int]  # centroids, zeros, min, max, count
@@ -111,15 +112,12 @@ def row_of(values: Floats, zeros_apart: bool) -> Row:
 
 
 def merged_row(rows: list[Row], late: bool = False) -> Row:
-    """One stored row from several generators' partials, merged as td-server merges them
-    (in one pass once more than 3 * MAX_CENTROIDS are held); ``late``: the last partial
-    merged into the stored digest afterwards."""
-    held: list[digest.Centroids] = []
+    """One stored row from several generators' partials, merged by td-server's
+    TrendState; ``late``: the last partial merged into the stored digest afterwards."""
+    held = TrendState(0, 0.0, 0.0, 0.0, [], 0)  # td-server's own deferred merging
     for centroids, *_ in rows[:-1] if late else rows:
-        held.append(centroids)
-        if sum(len(h) for h in held) > 3 * digest.MAX_CENTROIDS:
-            held = [digest.merge(held)]
-    merged = digest.merge(held)
+        held.merge_digest(centroids)
+    merged = digest.merge(held.parts)
     if late:
         merged = digest.merge([merged, rows[-1][0]])
     return (merged, sum(r[1] for r in rows), min(r[2] for r in rows),
