@@ -11,9 +11,9 @@ from collections import Counter
 from typing import Any, Generic, Protocol, TypeVar
 
 from common.protocol import Limits
+from common.store.rows import BucketKey, Values
 
-# (run_id, metric, sorted tag pairs, bucket start)
-BucketKey = tuple[str, str, tuple[tuple[str, str], ...], int]
+__all__ = ["Aggregator", "BucketKey", "Entry", "OpenBuckets", "absorb_entry"]
 
 P = TypeVar("P")
 S = TypeVar("S")
@@ -22,13 +22,7 @@ S = TypeVar("S")
 class Aggregator(Protocol[P, S]):
     """What a server adds to the shared skeleton: how to validate, merge and store."""
 
-    role: str
-    table: str
-    # Columns written, in order, after the four key columns (bucket, run_id, metric, tags)
-    # and bucket_seconds.
-    value_columns: tuple[str, ...]
-    # Columns read back from a stored row when late data must be merged into it.
-    stored_columns: tuple[str, ...]
+    role: str  # "td" (trend rows) or "non_td" (counter rows)
 
     def parse_item(self, item: object, limits: Limits,
                    notes: Counter[str] | None = None) -> P:
@@ -43,11 +37,13 @@ class Aggregator(Protocol[P, S]):
 
     def absorb(self, state: S, other: S) -> None: ...
 
-    def from_stored(self, stored: Any) -> S:
-        """A state rebuilt from a stored row's ``stored_columns``."""
+    def from_stored(self, stored: Values) -> S:
+        """A state rebuilt from a stored row's values (to merge late data into)."""
         ...
 
-    def values(self, state: S) -> tuple[Any, ...]: ...
+    def values(self, state: S) -> Values:
+        """The row a state is stored as."""
+        ...
 
     def samples(self, partial: P) -> int: ...
 

@@ -9,8 +9,6 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-import asyncpg
-
 from common import embedded
 from common.config import ConfigError, ServerConfig, load
 from common.redact import (
@@ -21,6 +19,7 @@ from common.redact import (
     redact_text,
 )
 from common.server import AggregatorServer
+from common.store import StoreError, open_store
 from common.wal import StateDirError, WalWriteError
 
 T = TypeVar("T")
@@ -29,14 +28,17 @@ EPILOG = """\
 database selection:
   --dsn, else TDAGG_DSN, else the standard PG* variables (when PGHOST, PGDATABASE or
   PGSERVICE is set), else an embedded PostgreSQL in DATA_DIR/pgdata that both servers
-  start or reuse (needs the 'embedded' extra).
+  start or reuse (needs the 'embedded' extra). A DSN's scheme picks the store:
+  postgresql:// or postgres:// (PostgreSQL, or TimescaleDB: the tables become
+  hypertables, with --retention-days and --compress-after-days as policies), or
+  memory://NAME (in this process only, gone at exit: to try the pipeline).
 
 On SIGTERM or SIGINT the server stops accepting, writes every open bucket and exits 0.
 """
 
 
 def choose_database(config: ServerConfig) -> tuple[str, str]:
-    """(dsn for asyncpg, label for humans); '' means asyncpg's PG* defaults.
+    """(dsn, label for humans); '' means the PG* variables.
 
     The label never shows a password (common.redact), whichever form the DSN has."""
     if config.dsn:
@@ -74,8 +76,8 @@ def run_server(prog: str, description: str, aggregator: Any, config_cls: type[Se
         return 2
     secrets = formatter.secrets = known_secrets(config.dsn, dsn)
     try:
-        server = AggregatorServer(config, aggregator, dsn, label)
-    except ConfigError as exc:
+        server = AggregatorServer(config, aggregator, open_store(dsn, label))
+    except (ConfigError, StoreError) as exc:
         print(f"{prog}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return 2
     try:
@@ -90,9 +92,13 @@ def run_server(prog: str, description: str, aggregator: Any, config_cls: type[Se
         print(f"{prog}: error: the write-ahead log in {server.wal.directory} cannot be "
               f"written: {exc}", file=sys.stderr)
         return 1
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"{prog}: error: {redact_text(str(exc), secrets)} (database {label}; pass "
-              "--dsn or TDAGG_DSN to use another)", file=sys.stderr)
+    except (OSError, StoreError) as exc:
+        text = redact_text(str(exc), secrets)
+        if label not in text:
+            text += f" (database {label})"
+        if "--dsn" not in text:
+            text += "; pass --dsn or TDAGG_DSN to use another"
+        print(f"{prog}: error: {text}", file=sys.stderr)
         return 1
     except Exception as exc:  # a traceback still, but never with a password in it
         print(format_exception(exc, secrets), end="", file=sys.stderr)

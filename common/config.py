@@ -57,6 +57,12 @@ def _non_negative_float(text: Any) -> float:
     return value
 
 
+def _optional_positive_float(text: Any) -> float | None:
+    if text is None or text == "":
+        return None
+    return _positive_float(text)
+
+
 def _positive_float(text: Any) -> float:
     value = _non_negative_float(text)
     if value == 0:
@@ -125,12 +131,22 @@ class ServerConfig:
         ("127.0.0.1", 7410), parse_hostport, "address to accept forwarders on", "HOST:PORT")
     dsn: str | None = _field(
         None, _optional_text,
-        "PostgreSQL DSN; without one, PG* variables if PGHOST or PGDATABASE is set, else "
-        "the embedded PostgreSQL in DATA_DIR/pgdata", "DSN")
+        "where rows are stored: postgresql:// or postgres:// (PostgreSQL or TimescaleDB), "
+        "or memory://NAME (in this process only, gone at exit: for trials); without one, "
+        "PG* variables if PGHOST or PGDATABASE is set, else the embedded PostgreSQL in "
+        "DATA_DIR/pgdata", "DSN")
     data_dir: Path = _field(
         default_data_dir(), lambda text: Path(_text(text)),
         "directory for the embedded PostgreSQL, shared by both servers", "PATH")
     bucket_seconds: int = _field(10, _positive_int, "bucket width in seconds", "INT >= 1")
+    retention_days: float | None = _field(
+        None, _optional_positive_float,
+        "TimescaleDB: drop bucket rows older than this many days (a retention policy on "
+        "both tables); unset leaves any policy as it is", "DAYS")
+    compress_after_days: float | None = _field(
+        None, _optional_positive_float,
+        "TimescaleDB: compress bucket rows older than this many days (a compression "
+        "policy, segmented by run_id and metric); unset leaves any policy as it is", "DAYS")
     grace: float = _field(
         5.0, _non_negative_float,
         "seconds after a bucket's end to wait for stragglers before writing it", "SECONDS")

@@ -18,6 +18,7 @@ keeps a write's commit and its feed on one side of that first read's snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,10 +26,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
-import orjson
-
 from common import digest, protocol
+from common.store.rows import (
+    COUNTER,
+    TREND,
+    CounterRow,
+    Evaluation,
+    StoredRow,
+    TrendRow,
+    Values,
+)
 from td_report.band import APPROXIMATE_METHODS
 from td_report.summary import Selected, judge
 from td_report.thresholds import (
@@ -41,23 +48,16 @@ from td_report.thresholds import (
 
 if TYPE_CHECKING:
     from common.aggregate import Aggregator, BucketKey, Entry
+    from common.store.base import Store, StoreView
 
 log = logging.getLogger("tdagg.thresholds")
-
-INSERT_EVALUATION = """
-INSERT INTO threshold_evaluations (run_id, role, threshold, evaluated_at, through, final,
-    verdict, ok, decided, observed, samples, rank_low, rank_high, abort_on_fail, note)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-"""
 
 # Rows fed between two chances for the event loop to serve connections (each row costs
 # a digest merge, about 0.1-0.3 ms).
 FEED_SLICE = 100
 
-# One stored or written row, as the accumulators take it: (metric, tags, bucket start,
-# bucket end, kind, fields); fields are a trend's (count, sum, min, max, zeros,
-# centroids, sum_rest) or a counter's (value, count, nonzero, min, max, state).
-Row = tuple[str, Mapping[str, str], float, float, str, tuple[Any, ...]]
+# One stored or written row, with a trend's sketch when it is decoded already.
+Row = tuple[StoredRow, digest.Centroids | None]
 
 
 def parse_items(items: Iterable[tuple[str, bool, float]]) -> list[Threshold]:
@@ -109,34 +109,26 @@ class RunState:
     generation: int = 0  # bumped when thresholds are added: a build under way is stale
 
     def feed(self, row: Row) -> None:
-        metric, tags, bucket, end, kind, fields = row
+        stored, centroids = row
+        metric, tags, values = stored.metric, stored.tags, stored.values
+        end = stored.bucket + stored.bucket_seconds
         self.through = end if self.through is None else max(self.through, end)
         for text, threshold in self.thresholds.items():
             if threshold.metric != metric or not matches(tags, threshold.tags):
                 continue
             target = self.targets.get(text)
             if target is None:
-                target = self.targets[text] = Selected.new(metric, kind, threshold.tags)
+                target = self.targets[text] = Selected.new(metric, stored.kind,
+                                                           threshold.tags)
                 if (target.trend is not None
                         and threshold.expression.method in APPROXIMATE_METHODS):
                     target.trend.watch(threshold.expression.bound)
-            if target.trend is not None:
-                target.trend.add(*fields)
-            elif target.counter is not None:
-                target.counter.add(bucket, *fields)
-
-
-def stored_row(table: str, record: Mapping[str, Any]) -> Row:
-    tags = orjson.loads(record["tags"])
-    end = record["bucket"] + record["bucket_seconds"]
-    if table == "trend_buckets":
-        return (record["metric"], tags, record["bucket"], end, "trend",
-                (record["count"], record["sum"], record["min"], record["max"],
-                 record["zeros"], digest.decode(record["digest"]), record["sum_rest"]))
-    state = orjson.loads(record["state"]) if record["state"] else None
-    return (record["metric"], tags, record["bucket"], end, record["metric_type"],
-            (record["value"], record["count"], record["nonzero"], record["min"],
-             record["max"], state))
+            if target.trend is not None and isinstance(values, TrendRow):
+                if centroids is None:
+                    centroids = digest.decode(values.digest)  # once for every target
+                target.trend.add_row(values, centroids)
+            elif target.counter is not None and isinstance(values, CounterRow):
+                target.counter.add_row(stored.bucket, values)
 
 
 def written_rows(aggregator: Aggregator[Any, Any], bucket_seconds: int,
@@ -146,18 +138,17 @@ def written_rows(aggregator: Aggregator[Any, Any], bucket_seconds: int,
     rows: dict[str, list[Row]] = {}
     for (run_id, metric, tags, bucket), entry in entries.items():
         state = entry.state
-        if aggregator.role == "td":
+        centroids = None
+        if aggregator.role == "td":  # the merged sketch as is, not encoded and decoded
             parts = state.parts
             centroids = parts[0] if len(parts) == 1 else digest.merge(parts)
             total, *rest = state.sum.expansion()
-            row: Row = (metric, dict(tags), float(bucket), float(bucket + bucket_seconds),
-                        "trend", (state.count, total, state.lo, state.hi, state.zeros,
-                                  centroids, rest))
+            values: Values = TrendRow(state.count, total, state.lo, state.hi, state.zeros,
+                                      b"", tuple(rest))
         else:
-            kind, value, count, nonzero, lo, hi, extra = aggregator.values(state)
-            row = (metric, dict(tags), float(bucket), float(bucket + bucket_seconds), kind,
-                   (value, count, nonzero, lo, hi, orjson.loads(extra)))
-        rows.setdefault(run_id, []).append(row)
+            values = aggregator.values(state)
+        rows.setdefault(run_id, []).append(
+            (StoredRow(metric, dict(tags), float(bucket), bucket_seconds, values), centroids))
     return rows
 
 
@@ -172,7 +163,7 @@ class LiveThresholds:
     def __init__(self, role: str, push: Callable[[str, bytes], None]) -> None:
         self.role = role
         self.push = push
-        self.pool: asyncpg.Pool | None = None
+        self.store: Store | None = None
         self.runs: dict[str, RunState] = {}
         self.latest: dict[str, bytes] = {}  # run -> its latest verdicts frame
         self.write_lock = asyncio.Lock()  # held by the server around a write and its feed
@@ -182,8 +173,8 @@ class LiveThresholds:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
+    def start(self, store: Store) -> None:
+        self.store = store
         self._task = asyncio.create_task(self._loop())
 
     async def close(self) -> None:
@@ -253,24 +244,21 @@ class LiveThresholds:
 
         The snapshot is taken under ``write_lock``: rows committed before it are read
         here, rows committed after it are queued by ``wrote`` and fed afterwards."""
-        from td_report.database import Reader  # noqa: PLC0415 - see run_facts
-
-        assert self.pool is not None
+        assert self.store is not None
         generation = state.generation
         state.targets.clear()
         state.through = None
         metrics = sorted({t.metric for t in state.thresholds.values()})
-        table = "trend_buckets" if self.role == "td" else "counter_buckets"
+        table = TREND if self.role == "td" else COUNTER
         try:
-            async with self.pool.acquire() as conn, conn.transaction(
-                    isolation="repeatable_read", readonly=True):
+            async with contextlib.AsyncExitStack() as stack:
                 async with self.write_lock:
-                    await conn.fetchval("SELECT 1")  # the snapshot starts here
+                    view = await stack.enter_async_context(self.store.snapshot())
                     state.pending = []
                     state.building = True
                 fed = 0
-                async for record in Reader(conn).rows(table, run_id, None, None, {}, metrics):
-                    state.feed(stored_row(table, record))
+                async for stored in view.rows(table, run_id, None, None, {}, metrics):
+                    state.feed((stored, None))
                     fed += 1
                     if fed % FEED_SLICE == 0:
                         await asyncio.sleep(0)  # let connections be served meanwhile
@@ -289,7 +277,7 @@ class LiveThresholds:
 
     async def evaluate(self, run_id: str) -> list[Verdict] | None:
         state = self.runs.get(run_id)
-        if state is None or not state.thresholds or self.pool is None:
+        if state is None or not state.thresholds or self.store is None:
             return None
         if not state.ready:
             await self.build(run_id, state)
@@ -297,16 +285,16 @@ class LiveThresholds:
                 self._mark([run_id])
                 return None
         await self.catch_up(state)
-        async with self.pool.acquire() as conn:
-            final, span = await run_facts(conn, run_id, self.role, state)
-            verdicts = judge_state(run_id, state, span)
-            now = datetime.now(UTC)
-            through = state.through
-            through_at = None if through is None else datetime.fromtimestamp(through, UTC)
-            await conn.executemany(INSERT_EVALUATION, [
-                (run_id, self.role, v.threshold.text, now, through_at, final, v.verdict, v.ok,
-                 v.decided, v.observed, v.samples, v.rank_low, v.rank_high,
-                 v.threshold.abort_on_fail, v.note or None) for v in verdicts])
+        async with self.store.snapshot() as view:
+            final, span = await run_facts(view, run_id, self.role, state)
+        verdicts = judge_state(run_id, state, span)
+        now = datetime.now(UTC)
+        through = state.through
+        through_at = None if through is None else datetime.fromtimestamp(through, UTC)
+        await self.store.record_evaluations([
+            Evaluation(run_id, self.role, v.threshold.text, now, through_at, final, v.verdict,
+                       v.ok, v.decided, v.observed, v.samples, v.rank_low, v.rank_high,
+                       v.threshold.abort_on_fail, v.note or None) for v in verdicts])
         self.evaluations += 1
         frame = protocol.verdicts(run_id, through, final, [v.message() for v in verdicts])
         self.latest[run_id] = frame
@@ -318,25 +306,22 @@ class LiveThresholds:
         return verdicts
 
 
-async def run_facts(conn: asyncpg.Connection, run_id: str, role: str, state: RunState
+async def run_facts(view: StoreView, run_id: str, role: str, state: RunState
                     ) -> tuple[bool, float]:
     """(final: every generator ended and written by this server; the run's span in
     seconds, for counters' rates per second)."""
-    # Imported here: td_report's reader picks a database through common.cli, which
-    # imports the server, which imports this module.
-    from td_report.database import Reader  # noqa: PLC0415
+    # Imported here: td_report.query imports td_report.database, which picks a database
+    # through common.cli, which imports the server, which imports this module.
     from td_report.query import whole_run_span  # noqa: PLC0415
 
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        generators = await conn.fetch(
-            f"SELECT ended_at IS NOT NULL AS ended, {role}_written_at IS NOT NULL AS written"
-            f" FROM generators WHERE run_id = $1", run_id)
-        final = bool(generators) and all(g["ended"] and g["written"] for g in generators)
-        span = 0.0
-        if any(t.expression.method == "rate" for t in state.thresholds.values()):
-            found = await whole_run_span(Reader(conn), run_id)
-            if found is not None:
-                span = max(found[1] - found[0], 0.0)
+    generators = await view.generators(run_id) or []
+    final = bool(generators) and all(g.ended_at is not None and g.written_by(role)
+                                     for g in generators)
+    span = 0.0
+    if any(t.expression.method == "rate" for t in state.thresholds.values()):
+        found = await whole_run_span(view, run_id)
+        if found is not None:
+            span = max(found[1] - found[0], 0.0)
     return final, span
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -17,8 +18,6 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
-import asyncpg
-
 from common import protocol
 from common.aggregate import Aggregator, BucketKey, Entry, OpenBuckets, absorb_entry
 from common.config import ConfigError, ServerConfig
@@ -29,17 +28,16 @@ from common.live_thresholds import LiveThresholds, written_rows
 from common.notify import notify, watchdog_interval
 from common.quarantine import QUARANTINE_FILE, Quarantine
 from common.selfmetrics import Histogram, MetricsEndpoint, exposition
-from common.sink import PgSink, ensure_schema
+from common.store import BucketWriter, Policies, Store, StoreError
 from common.wal import WriteAheadLog, segment_of
 from td_report.thresholds import Threshold
 
 log = logging.getLogger("tdagg.server")
+TABLE_OF_ROLE = {"td": "trend_buckets", "non_td": "counter_buckets"}  # named in quarantine
 
 # A run's series set (for the series cap) is dropped once the run sent nothing for this
 # long; it costs about 200 bytes per series.
 RUN_IDLE_SECONDS = 15 * 60
-# Database errors that mean "not reachable now" (for /healthz).
-RETRYABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -103,12 +101,11 @@ def read_token(config: ServerConfig) -> str | None:
 # Descriptors kept free of connections: the log, the database pool, /metrics, TLS files.
 FILES_RESERVED = 64
 class AggregatorServer:
-    def __init__(self, config: ServerConfig, aggregator: Aggregator[Any, Any], dsn: str,
-                 dsn_label: str) -> None:
+    def __init__(self, config: ServerConfig, aggregator: Aggregator[Any, Any],
+                 store: Store) -> None:
         self.config = config
         self.aggregator = aggregator
-        self.dsn = dsn
-        self.dsn_label = dsn_label
+        self.store = store
         self.limits = protocol.Limits(
             max_frame_bytes=config.max_frame_bytes,
             max_items_per_frame=config.max_items_per_frame,
@@ -148,8 +145,7 @@ class AggregatorServer:
         self.should_exit = asyncio.Event()
         self._connections: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Server | None = None
-        self._pool: asyncpg.Pool | None = None
-        self._sink: PgSink | None = None
+        self._writer: BucketWriter | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._stop_flushing = asyncio.Event()
         self._watchdog_task: asyncio.Task[None] | None = None
@@ -217,12 +213,12 @@ class AggregatorServer:
     async def rerun_of(self, hello: protocol.Hello) -> str | None:
         """Why this forwarder's input must not be added to its run (it is there), or
         None. When the database cannot tell, the input is let in: losing data is worse."""
-        if hello.input_id is None or hello.append or self._sink is None:
+        if hello.input_id is None or hello.append or self._writer is None:
             return None
         try:
             async with asyncio.timeout(5):
-                first, since = await self._sink.claim_input(hello.run_id, hello.input_id,
-                                                            hello.producer)
+                first, since = await self.store.claim_input(
+                    hello.run_id, self.aggregator.role, hello.input_id, hello.producer)
         except Exception as exc:  # the database is away or slow
             log.warning("cannot check whether run %r already holds this input (%s); "
                         "accepting it", hello.run_id[:80], exc)
@@ -290,7 +286,7 @@ class AggregatorServer:
         """Merge logged frames whose data the database rows do not hold yet."""
         if not records:
             return
-        assert self._sink is not None
+        assert self._writer is not None
         parsed = []
         refused = 0
         for record in records:
@@ -315,7 +311,7 @@ class AggregatorServer:
             log.warning("replay: %d logged items are refused by this release's validation "
                         "(counted in tdagg_refused_items_total)", refused)
         keys = list({self.aggregator.key_of(r.run_id, p) for r, ps in parsed for p in ps})
-        stored = await self._sink.stored_positions(keys)
+        stored = await self._writer.stored_positions(keys)
         skipped = 0
         for record, partials in parsed:
             fresh = [p for p in partials
@@ -336,14 +332,14 @@ class AggregatorServer:
         if self.wal.torn_tail is not None:
             log.warning("write-ahead log: %s", self.wal.torn_tail)
         self._fit_connections_to_files()
-        self._pool = await asyncpg.create_pool(self.dsn or None, min_size=1, max_size=3)
-        async with self._pool.acquire() as conn:
-            await ensure_schema(conn)
-        self._sink = PgSink(self._pool, self.aggregator, self.config.bucket_seconds)
-        self.live.start(self._pool)
+        await self.store.open()
+        await self.store.ensure_schema(Policies(self.config.retention_days,
+                                                self.config.compress_after_days))
+        self._writer = self.store.writer(self.aggregator, self.config.bucket_seconds)
+        self.live.start(self.store)
         await self._replay(records)
         # A new or wiped state directory must still log at positions above every row's.
-        stored_max = await self._sink.max_position()
+        stored_max = await self._writer.max_position()
         self.wal.ensure_after(stored_max)
         host, port = self.config.listen
         try:
@@ -375,15 +371,14 @@ class AggregatorServer:
     async def healthy(self) -> bool:
         """Listening, the log writable, writes succeeding, and the database answers
         within two seconds."""
-        if self._listener is None or not self._listener.is_serving() or self._pool is None:
+        if self._listener is None or not self._listener.is_serving() or self._writer is None:
             return False
         if self.problems():
             return False
         try:
             async with asyncio.timeout(2):
-                async with self._pool.acquire() as conn:
-                    await conn.fetchval("SELECT 1")
-        except (*RETRYABLE, asyncpg.exceptions.InterfaceError):
+                await self.store.ping()
+        except (StoreError, TimeoutError):
             return False
         return True
 
@@ -460,7 +455,7 @@ class AggregatorServer:
     def ready_line(self) -> str:
         host, port = self.address
         return (f"{self.aggregator.role.replace('_', '-')}-server ready: listening on "
-                f"{host}:{port}, database {self.dsn_label}, bucket "
+                f"{host}:{port}, database {self.store.label}, bucket "
                 f"{self.config.bucket_seconds}s, grace {self.config.grace}s, "
                 f"log {self.wal.directory} (fsync {self.wal.fsync})"
                 + (f", TLS{' with client certificates' if self.tls.verify_mode else ''}"
@@ -468,6 +463,17 @@ class AggregatorServer:
                 + (", token required" if self.token else "")
                 + (f", metrics http://{self.metrics.address[0]}:{self.metrics.address[1]}"
                    "/metrics" if self.metrics else ""))
+
+    @staticmethod
+    def parse_ready_line(line: str | bytes) -> tuple[str, int] | None:
+        """The (host, port) that a line written by ``ready_line`` names; None for any other
+        line. The host may hold colons (IPv6): the port follows the last one."""
+        text = line.decode(errors="replace") if isinstance(line, bytes) else line
+        _, marker, rest = text.partition("ready: listening on ")
+        host, _, port = rest.split(",", 1)[0].rpartition(":")
+        if not marker or not host or not port.isdigit():
+            return None
+        return host, int(port)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
@@ -554,7 +560,7 @@ class AggregatorServer:
         if not self.closing:
             await self._write_generators()
             return True
-        assert self._sink is not None
+        assert self._writer is not None
         batch = self.closing
         self.closing = {}
         started = time.perf_counter()
@@ -562,7 +568,7 @@ class AggregatorServer:
             # Under the live thresholds' lock: what a write committed is fed to them
             # before any of their builds from the database can take its snapshot.
             async with self.live.write_lock:
-                late, failed = await self._sink.write_each(batch)
+                late, failed = await self._writer.write_each(batch)
                 self.live.wrote(written_rows(
                     self.aggregator, self.config.bucket_seconds,
                     {key: entry for key, entry in batch.items() if key not in failed}))
@@ -596,11 +602,11 @@ class AggregatorServer:
     async def _write_generators(self) -> None:
         """Store generator rows, then mark ended generators whose buckets are all written.
         A failure keeps them for the next round (the upserts are idempotent)."""
-        assert self._sink is not None
+        assert self._writer is not None
         rows = self.generators.take_rows()
         if rows:
             try:
-                await self._sink.record_generators([row for row, _ in rows.values()])
+                await self.store.record_generators([row for row, _ in rows.values()])
             except Exception as exc:
                 self.generators.put_back(rows)
                 log.warning("could not store %d generator rows, kept for retry: %r",
@@ -610,7 +616,7 @@ class AggregatorServer:
             chain(self.open.entries, self.closing, self.spilled))
         if done:
             try:
-                await self._sink.mark_written(done)
+                await self.store.mark_written(self.aggregator.role, done)
                 self.live.generators_written({run_id for run_id, _ in done})
             except Exception as exc:
                 for key in done:
@@ -638,10 +644,10 @@ class AggregatorServer:
         """Rebuild the oldest spilled buckets from the log, as a replay does: an item
         counts if the stored row does not hold its position yet and it belongs to the
         spilled span (later data for the key is queued apart)."""
-        assert self._sink is not None
+        assert self._writer is not None
         room = self.config.max_queued_buckets - len(self.closing)
         keys = sorted(self.spilled, key=lambda k: k[3])[:room]
-        stored = await self._sink.stored_positions(keys)
+        stored = await self._writer.stored_positions(keys)
         spans = {key: self.spilled[key] for key in keys}
         rebuilt: OpenBuckets[Any, Any] = OpenBuckets(self.aggregator,
                                                       self.config.bucket_seconds)
@@ -671,10 +677,10 @@ class AggregatorServer:
         for (run_id, metric, tags, bucket), exc in failed.items():
             state = batch[(run_id, metric, tags, bucket)].state
             try:
-                values: Any = list(agg.values(state))
+                values: Any = dataclasses.asdict(agg.values(state))
             except Exception as values_exc:  # the state itself is what is broken
                 values = f"{state!r} ({values_exc!r})"
-            records.append({"table": agg.table, "run_id": run_id, "metric": metric,
+            records.append({"table": TABLE_OF_ROLE[agg.role], "run_id": run_id, "metric": metric,
                             "tags": dict(tags), "bucket": bucket,
                             "samples": agg.state_samples(state),
                             "error": f"{type(exc).__name__}: {exc}", "values": values})
@@ -756,8 +762,7 @@ class AggregatorServer:
         if self.metrics is not None:
             await self.metrics.close()
         await self.live.close()
-        if self._pool is not None:
-            await self._pool.close()
+        await self.store.close()
 
     async def _flush_for_shutdown(self) -> bool:
         try:

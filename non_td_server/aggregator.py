@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
-
-import orjson
 
 from common.aggregate import BucketKey
 from common.exactsum import ExactSum
 from common.protocol import ROLE_NON_TD, CounterPartial, Limits, parse_counter_item
+from common.store.rows import CounterRow, Values
 
 
 class CounterState:
@@ -42,9 +40,6 @@ class CounterState:
 
 class CounterAggregator:
     role = ROLE_NON_TD
-    table = "counter_buckets"
-    value_columns = ("metric_type", "value", "count", "nonzero", "min", "max", "state")
-    stored_columns = ("metric_type", "value", "count", "nonzero", "min", "max", "state")
 
     def parse_item(self, item: object, limits: Limits,
                    notes: Counter[str] | None = None) -> CounterPartial:
@@ -84,15 +79,13 @@ class CounterAggregator:
         for producer, (last_ns, value) in other.gauge_last.items():
             state.take_last(producer, last_ns, value)
 
-    def from_stored(self, stored: Any) -> CounterState:
-        kind, value, count, nonzero, lo, hi, raw_state = stored
-        extra = orjson.loads(raw_state) if raw_state else {}
-        # The stored row keeps the exact sum of the samples in state: "sum", correctly
-        # rounded, and "sum_rest", what rounding left out.
-        return CounterState(kind, extra.get("sum", value), count, nonzero, lo, hi,
-                            extra.get("gauge_last", {}), extra.get("sum_rest", ()))
+    def from_stored(self, stored: Values) -> CounterState:
+        assert isinstance(stored, CounterRow)
+        return CounterState(stored.metric_type, stored.sum, stored.count, stored.nonzero,
+                            stored.min, stored.max, dict(stored.gauge_last or {}),
+                            stored.sum_rest)
 
-    def values(self, state: CounterState) -> tuple[Any, ...]:
+    def values(self, state: CounterState) -> CounterRow:
         total, *rest = state.sum.expansion()
         if state.kind == "counter":
             value = total
@@ -100,10 +93,6 @@ class CounterAggregator:
             value = state.nonzero / state.count
         else:
             value = sum(v for _, v in state.gauge_last.values())
-        extra: dict[str, Any] = {"sum": total}
-        if rest:
-            extra["sum_rest"] = rest
-        if state.kind == "gauge":
-            extra["gauge_last"] = state.gauge_last
-        return (state.kind, value, state.count, state.nonzero, state.lo, state.hi,
-                orjson.dumps(extra).decode())
+        return CounterRow(state.kind, value, state.count, state.nonzero, state.lo, state.hi,
+                          total, tuple(rest),
+                          state.gauge_last if state.kind == "gauge" else None)

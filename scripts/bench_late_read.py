@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,9 @@ import numpy as np
 
 from common import digest
 from common.aggregate import BucketKey, Entry
-from common.sink import KEY_LOOKUP_SETTINGS, PgSink, ensure_schema
+from common.store.postgres import columns, create_schema
+from common.store.postgres.writer import KEY_LOOKUP_SETTINGS, key_arrays
+from common.store.postgres.writer import PgBucketWriter as PgSink
 from td_server.aggregator import TrendAggregator, TrendState
 
 BUCKET = 1_700_000_000
@@ -69,6 +71,7 @@ CREATE TABLE trend_buckets (
     p50 double precision NOT NULL, p90 double precision NOT NULL,
     p95 double precision NOT NULL, p99 double precision NOT NULL, digest bytea NOT NULL,
     zeros bigint NOT NULL DEFAULT 0, wal_pos bigint NOT NULL DEFAULT 0,
+    sum_rest double precision[],  -- added by a later release, read by the same merge
     UNIQUE (run_id, metric, tags, bucket));
 CREATE INDEX trend_buckets_run_metric_bucket ON trend_buckets (run_id, metric, bucket);
 """
@@ -78,20 +81,20 @@ class OldPgSink(PgSink):
     """PgSink.write as it was at commit 1766e0c: the same merge, the old query texts, no
     planner settings."""
 
-    def __init__(self, pool: asyncpg.Pool, aggregator: Any, bucket_seconds: int) -> None:
-        super().__init__(pool, aggregator, bucket_seconds)
-        agg, table = aggregator, aggregator.table
-        columns = ("bucket", "bucket_seconds", "run_id", "metric", "tags", *agg.value_columns,
-                   "wal_pos")
+    def __init__(self, pool: asyncpg.Pool, label: str, aggregator: Any,
+                 bucket_seconds: int) -> None:
+        super().__init__(pool, label, aggregator, bucket_seconds)
+        table = columns.TABLES[self.kind]
+        written, read = columns.WRITTEN[self.kind], columns.READ[self.kind]
+        names = ("bucket", "bucket_seconds", "run_id", "metric", "tags", *written, "wal_pos")
         params = ["to_timestamp($1)", "$2", "$3", "$4", "$5::jsonb"]
-        params += [f"${i}" for i in range(6, len(columns) + 1)]
-        updates = ", ".join(f"{c} = EXCLUDED.{c}"
-                            for c in ("bucket_seconds", *agg.value_columns, "wal_pos"))
+        params += [f"${i}" for i in range(6, len(names) + 1)]
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in ("bucket_seconds", *written, "wal_pos"))
         self.upsert = (
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(params)}) "
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(params)}) "
             f"ON CONFLICT (run_id, metric, tags, bucket) DO UPDATE SET {updates}"
         )
-        stored = ", ".join(f"t.{c}" for c in agg.stored_columns)
+        stored = ", ".join(f"t.{c}" for c in read)
         join = (
             f"FROM {table} t "
             "JOIN unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) "
@@ -102,9 +105,9 @@ class OldPgSink(PgSink):
         self.select_stored = f"SELECT k.ord, t.wal_pos, {stored} {join} FOR UPDATE OF t"
         self.select_positions = f"SELECT k.ord, t.wal_pos {join}"
 
-    async def write(self, entries: dict[BucketKey, Entry[Any]]) -> int:
+    async def write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:
         keys = list(entries)
-        arrays = self.key_arrays(keys)
+        arrays = key_arrays(keys)
         agg = self.aggregator
         async with self.pool.acquire() as conn, conn.transaction():
             stored_rows = await conn.fetch(self.select_stored, *arrays)
@@ -116,7 +119,7 @@ class OldPgSink(PgSink):
                 if row[1] >= entries[key].last_position > 0:
                     del to_write[key]
                     continue
-                merged = agg.from_stored(tuple(row)[2:])
+                merged = agg.from_stored(columns.read(self.kind, tuple(row)[2:]))
                 agg.absorb(merged, entries[key].state)
                 to_write[key] = merged
                 positions[key] = max(positions[key], row[1])
@@ -125,7 +128,7 @@ class OldPgSink(PgSink):
                 self.upsert,
                 [
                     (key[3], self.bucket_seconds, key[0], key[1], tag,
-                     *agg.values(to_write[key]), positions[key])
+                     *columns.written(agg.values(to_write[key])), positions[key])
                     for key, tag in zip(keys, arrays[2], strict=True) if key in to_write
                 ],
             )
@@ -179,10 +182,10 @@ async def sink_in_new_database(server: Any, name: str, old: bool, cap: float
             if old:
                 await conn.execute(OLD_SCHEMA)
             else:
-                await ensure_schema(conn)
+                await create_schema(conn)
             await conn.execute("ALTER TABLE trend_buckets SET (autovacuum_enabled = false)")
         aggregator: Any = TrendAggregator()
-        yield (OldPgSink if old else PgSink)(pool, aggregator, WIDTH)
+        yield (OldPgSink if old else PgSink)(pool, name, aggregator, WIDTH)
     finally:
         await pool.close()
 
@@ -257,7 +260,7 @@ async def late_read_seconds(sink: PgSink, keys: list[BucketKey], runs: int) -> f
                 if not isinstance(sink, OldPgSink):
                     await conn.execute(KEY_LOOKUP_SETTINGS)
                 seconds, rows = await timed(conn.fetch(sink.select_stored,
-                                                       *sink.key_arrays(keys)))
+                                                       *key_arrays(keys)))
             except asyncpg.QueryCanceledError:
                 return None
             finally:
@@ -273,7 +276,7 @@ async def late_read_plan(sink: PgSink, keys: list[BucketKey]) -> str:
     async with sink.pool.acquire() as conn, conn.transaction():
         if not isinstance(sink, OldPgSink):
             await conn.execute(KEY_LOOKUP_SETTINGS)
-        rows = await conn.fetch(f"EXPLAIN {sink.select_stored}", *sink.key_arrays(keys))
+        rows = await conn.fetch(f"EXPLAIN {sink.select_stored}", *key_arrays(keys))
     return "\n".join(row[0] for row in rows)
 
 

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_late_read import embedded_postgres  # noqa: E402 - scripts/ is on sys.path
 
 from common import digest  # noqa: E402
-from common.live_thresholds import LiveThresholds, judge_state, stored_row  # noqa: E402
-from common.sink import ensure_schema  # noqa: E402
-from td_report.database import Reader  # noqa: E402
+from common.live_thresholds import LiveThresholds, judge_state  # noqa: E402
+from common.store.postgres import PostgresStore, create_schema  # noqa: E402
+from common.store.rows import TREND  # noqa: E402
 from td_report.thresholds import parse_threshold  # noqa: E402
 
 BUCKET_SECONDS = 10
@@ -72,19 +72,20 @@ async def fill(conn: asyncpg.Connection, run_id: str, series: int, buckets: int)
 
 async def measure(dsn: str, sizes: list[tuple[int, int]], repeats: int) -> list[str]:
     conn = await asyncpg.connect(dsn)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    store = PostgresStore(dsn, "bench")
+    await store.open(connections=2)
     thresholds = [parse_threshold(t) for t in THRESHOLDS]
     lines = ["| series × buckets | rows | build from the database, s | per bucket: feed + "
              "judge, s | build / bucket width | per bucket / bucket width |",
              "|---|---|---|---|---|---|"]
     try:
-        await ensure_schema(conn)
+        await create_schema(conn)
         for series, buckets in sizes:
             run_id = f"bench-{series}x{buckets}"
             await fill(conn, run_id, series, buckets)
             await conn.execute("ANALYZE trend_buckets")
             live = LiveThresholds("td", lambda run, frame: None)
-            live.pool = pool
+            live.store = store
             live.declare(run_id, thresholds)
             state = live.runs[run_id]
             builds, steps = [], []
@@ -92,7 +93,7 @@ async def measure(dsn: str, sizes: list[tuple[int, int]], repeats: int) -> list[
                 began = time.perf_counter()
                 await live.build(run_id, state)
                 builds.append(time.perf_counter() - began)
-                state.pending = [row async for row in one_bucket(conn, run_id)]
+                state.pending = [row async for row in one_bucket(store, conn, run_id)]
                 began = time.perf_counter()
                 await live.catch_up(state)
                 verdicts = judge_state(run_id, state, 0.0)
@@ -105,16 +106,17 @@ async def measure(dsn: str, sizes: list[tuple[int, int]], repeats: int) -> list[
             print(lines[-1], file=sys.stderr, flush=True)
     finally:
         await conn.close()
-        await pool.close()
+        await store.close()
     return lines
 
 
-async def one_bucket(conn: asyncpg.Connection, run_id: str) -> Any:
+async def one_bucket(store: PostgresStore, conn: asyncpg.Connection, run_id: str) -> Any:
     """The rows of the run's last bucket, as a write would feed them."""
-    async with conn.transaction(readonly=True):
-        async for record in Reader(conn).rows("trend_buckets", run_id, None, None, {}):
-            if record["bucket"] == await last_bucket(conn, run_id):
-                yield stored_row("trend_buckets", record)
+    last = await last_bucket(conn, run_id)
+    async with store.snapshot() as view:
+        async for row in view.rows(TREND, run_id, None, None, {}):
+            if row.bucket == last:
+                yield (row, None)
 
 
 _LAST: dict[str, float] = {}

@@ -6,7 +6,7 @@ The Trend samples of the recording (``--copies`` times, each copy shifted by the
 recording's span, as a longer run) are stored twice in one embedded PostgreSQL:
 
 * as tdagg stores them: one row per (metric, name tag, 10 s bucket), its sketch built as
-  the forwarder builds it and written by the servers' own sink (``PgSink``);
+  the forwarder builds it and written by the servers' own store writer;
 * raw: every sample in a ``raw_samples`` table (the baseline a user without tdagg has).
 
 Then p95 of ``http_req_duration`` per minute across all tag sets is computed by
@@ -40,7 +40,7 @@ from bench_late_read import embedded_postgres  # noqa: E402
 from common import digest  # noqa: E402
 from common.aggregate import Entry  # noqa: E402
 from common.protocol import TrendPartial  # noqa: E402
-from common.sink import PgSink, ensure_schema  # noqa: E402
+from common.store.postgres import PostgresStore  # noqa: E402
 from common.timebucket import parse_epoch_ns  # noqa: E402
 from td_report.summary import TrendAccumulator  # noqa: E402
 from td_server.aggregator import TrendAggregator  # noqa: E402
@@ -83,10 +83,12 @@ async def store(dsn: str, samples: list[tuple[float, str, float]]) -> None:
                                centroids, zeros)
         entries[(RUN, METRIC, partial.tags, bucket)] = Entry(
             aggregator.new_state(partial, "bench"), 0, 1)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    store = PostgresStore(dsn, "bench")
+    await store.open(connections=2)
     try:
-        async with pool.acquire() as conn:
-            await ensure_schema(conn)
+        await store.ensure_schema()
+        assert store.pool is not None
+        async with store.pool.acquire() as conn:
             await conn.execute("CREATE TABLE raw_samples (time timestamptz, name text, "
                                "value float8)")
             await conn.copy_records_to_table(
@@ -94,9 +96,9 @@ async def store(dsn: str, samples: list[tuple[float, str, float]]) -> None:
                                         for t, n, v in samples],
                 columns=("time", "name", "value"))
             await conn.execute("ANALYZE")
-        await PgSink(pool, aggregator, 10).write(entries)
+        await store.writer(aggregator, 10).write(entries)
     finally:
-        await pool.close()
+        await store.close()
 
 
 SQL_FUNCTION = (

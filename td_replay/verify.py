@@ -8,30 +8,10 @@ import math
 import time
 from dataclasses import dataclass
 
-import asyncpg
-
 from common.redact import dsn_secrets, redact_text
+from common.store import Store, StoreError, open_store
 from td_replay.recording import MetricFigures
 
-# (metric, bucket start) of every row of the run, whichever table holds it.
-_ROWS = """
-SELECT metric, extract(epoch FROM bucket)::bigint AS bucket FROM trend_buckets
- WHERE run_id = $1
-UNION
-SELECT metric, extract(epoch FROM bucket)::bigint FROM counter_buckets WHERE run_id = $1
-"""
-_TREND_TOTALS = """
-SELECT metric, 'trend' AS kind, count(*) AS rows, sum(count)::bigint AS count,
-       sum(sum) AS total, sum(count - zeros)::bigint AS nonzero
-  FROM trend_buckets WHERE run_id = $1 GROUP BY metric
-"""
-# state->>'sum' is the exact sample sum for every kind (value is nonzero/count for rates
-# and the sum of last values for gauges).
-_COUNTER_TOTALS = """
-SELECT metric, min(metric_type) AS kind, count(*) AS rows, sum(count)::bigint AS count,
-       sum((state->>'sum')::float8) AS total, sum(nonzero)::bigint AS nonzero
-  FROM counter_buckets WHERE run_id = $1 GROUP BY metric
-"""
 # Sums of floats are compared with this relative tolerance: the servers and the database
 # add per-bucket partial sums in an order of their own.
 REL_TOLERANCE = 1e-9
@@ -100,7 +80,8 @@ def compare(expected: dict[str, Expected], stored: dict[str, Stored]) -> list[st
 class Watcher:
     """Polls the run's rows: first-seen time of each (metric, bucket), and totals."""
 
-    def __init__(self, dsn: str, run_id: str, poll_seconds: float) -> None:
+    def __init__(self, dsn: str, run_id: str, poll_seconds: float,
+                 label: str | None = None) -> None:
         self.dsn = dsn
         self.run_id = run_id
         self.poll_seconds = poll_seconds
@@ -108,7 +89,8 @@ class Watcher:
         self.polls = 0
         self.errors = 0
         self.last_error: str | None = None
-        self._conn: asyncpg.Connection | None = None
+        self.store: Store = open_store(dsn, label)
+        self._open = False
         self._lock = asyncio.Lock()  # one query at a time on the connection
 
     async def connect(self) -> None:
@@ -116,35 +98,34 @@ class Watcher:
             await self._connection()
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await conn.close(timeout=5)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                conn.terminate()
+        if self._open:
+            self._open = False
+            await self.store.close()
 
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn or None, timeout=30)
-        return self._conn
+    async def _connection(self) -> Store:
+        if not self._open:
+            await self.store.open(connections=1)
+            self._open = True
+        return self.store
 
     async def poll(self) -> None:
         """One look at the run's rows. A row's visibility time is the wall time at which
         this query was issued: its snapshot is taken then, so the row became visible
         between the previous poll and this one."""
         async with self._lock:
-            conn = await self._connection()
+            store = await self._connection()
             issued = time.time()
-            rows = await conn.fetch(_ROWS, self.run_id)
+            async with store.snapshot() as view:
+                keys = await view.row_keys(self.run_id)
         self.polls += 1
-        for metric, bucket in rows:
-            self.first_seen.setdefault((metric, int(bucket)), issued)
+        for key in keys:
+            self.first_seen.setdefault(key, issued)
 
     async def run(self) -> None:
         while True:
             try:
                 await self.poll()
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except StoreError as exc:
                 self.errors += 1
                 # Shown in the summary: never with the DSN's password (common.redact).
                 self.last_error = redact_text(str(exc), dsn_secrets(self.dsn))
@@ -155,18 +136,17 @@ class Watcher:
     async def totals(self) -> dict[str, Stored]:
         stored: dict[str, Stored] = {}
         async with self._lock:
-            conn = await self._connection()
-            results = [await conn.fetch(sql, self.run_id)
-                       for sql in (_TREND_TOTALS, _COUNTER_TOTALS)]
-        for rows in results:
-            for row in rows:
-                mine = stored.get(row["metric"])
-                if mine is None:
-                    mine = stored[row["metric"]] = Stored(row["kind"])
-                mine.rows += row["rows"]
-                mine.count += row["count"] or 0
-                mine.total += row["total"] or 0.0
-                mine.nonzero += row["nonzero"] or 0
+            store = await self._connection()
+            async with store.snapshot() as view:
+                totals = await view.totals(self.run_id)
+        for row in totals:
+            mine = stored.get(row.metric)
+            if mine is None:
+                mine = stored[row.metric] = Stored(row.kind)
+            mine.rows += row.rows
+            mine.count += row.count
+            mine.total += row.total
+            mine.nonzero += row.nonzero
         return stored
 
     def freshness(self, bucket_seconds: int) -> list[float]:

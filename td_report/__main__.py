@@ -11,13 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-import asyncpg
-
 from common.config import load
 from common.redact import format_exception, known_secrets, redact_text
+from common.store import SchemaMissing, Store, StoreError, StoreUnavailable, open_store, scheme_of
 from td_report import html, render
 from td_report.database import (
-    Reader,
     ReportConfig,
     ReportError,
     choose_database,
@@ -169,15 +167,22 @@ def collect_thresholds(args: argparse.Namespace) -> tuple[Threshold, ...]:
     return tuple(thresholds)
 
 
-async def _connect(dsn: str, label: str) -> asyncpg.Connection:
+async def _connect(dsn: str, label: str) -> Store:
+    if scheme_of(dsn) == "memory":
+        raise ReportError(f"--dsn {dsn}: a memory:// store lives inside the process that "
+                          f"writes it; a report reads PostgreSQL or TimescaleDB")
     try:
-        return await asyncpg.connect(dsn or None, timeout=30)
-    except (TimeoutError, OSError, ValueError, asyncpg.PostgresError,
-            asyncpg.InterfaceError) as exc:  # ValueError: a DSN asyncpg cannot parse
-        raise ConnectionError(f"cannot connect to the database {label}: {exc}") from None
+        store = open_store(dsn, label)
+    except StoreError as exc:
+        raise ReportError(str(exc)) from None
+    try:
+        await store.open(connections=1)
+    except StoreUnavailable as exc:
+        raise ConnectionError(str(exc)) from None
+    return store
 
 
-async def _wait(conn: asyncpg.Connection, label: str, run_id: str, limit: float,
+async def _wait(store: Store, label: str, run_id: str, limit: float,
                 stream: IO[str]) -> None:
     """Poll until every generator of the run is done (see generators.waiting_for);
     progress on ``stream`` at most every PROGRESS_SECONDS; WaitTimeout after ``limit``
@@ -185,11 +190,11 @@ async def _wait(conn: asyncpg.Connection, label: str, run_id: str, limit: float,
     loop = asyncio.get_running_loop()
     began = loop.time()
     shown: float | None = None
-    reader = Reader(conn)
     while True:
         try:
-            rows = await reader.generators(run_id)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            async with store.snapshot() as view:
+                rows = await view.generators(run_id)
+        except StoreUnavailable as exc:
             raise ConnectionError(f"lost the database {label} while waiting: {exc}") from None
         missing = waiting_for(rows, run_id)
         if missing is None:
@@ -209,27 +214,30 @@ async def _wait(conn: asyncpg.Connection, label: str, run_id: str, limit: float,
 
 async def _report(dsn: str, label: str, selection: Selection,
                   wait: float | None = None) -> Report:
-    conn = await _connect(dsn, label)
+    store = await _connect(dsn, label)
     try:
         if wait is not None:
-            await _wait(conn, label, selection.run_id, wait, sys.stderr)
-        return await build(conn, selection)
-    except asyncpg.UndefinedTableError:
-        raise ReportError(f"the database {label} has no trend_buckets or counter_buckets "
-                          f"table: no td-server or non-td-server has written to it") from None
+            await _wait(store, label, selection.run_id, wait, sys.stderr)
+        return await build(store, selection)
+    except SchemaMissing as exc:
+        raise ReportError(str(exc)) from None
+    except StoreError as exc:  # unavailable, or failing: exit 1 with what it said
+        raise ConnectionError(str(exc)) from None
     finally:
-        await conn.close()
+        await store.close()
 
 
 async def _list_runs(dsn: str, label: str) -> str:
-    conn = await _connect(dsn, label)
+    store = await _connect(dsn, label)
     try:
-        runs = await Reader(conn).runs()
-    except asyncpg.UndefinedTableError:
-        raise ReportError(f"the database {label} has no trend_buckets or counter_buckets "
-                          f"table: no td-server or non-td-server has written to it") from None
+        async with store.snapshot() as view:
+            runs = await view.runs()
+    except SchemaMissing as exc:
+        raise ReportError(str(exc)) from None
+    except StoreError as exc:  # unavailable, or failing: exit 1 with what it said
+        raise ConnectionError(str(exc)) from None
     finally:
-        await conn.close()
+        await store.close()
     if not runs:
         return "no runs stored\n"
     width = max(len(r.run_id) for r in runs)

@@ -11,14 +11,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-import asyncpg
-import orjson
 
 from common import digest
+from common.store import Store, StoreView
+from common.store.rows import COUNTER, TREND, CounterRow, StoredRow, TrendRow
 from td_report.band import APPROXIMATE_METHODS, Counts
-from td_report.database import Extent, GeneratorInfo, Reader, ReportError, Series
+from td_report.database import Extent, GeneratorInfo, ReportError, Series
 from td_report.generators import sample_span
 from td_report.summary import CounterAccumulator, CounterStats, Selected, TrendAccumulator, judge
 from td_report.thresholds import Tags, Threshold, ThresholdError, check_applicable, matches
@@ -133,7 +131,7 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-async def known_runs_hint(reader: Reader) -> str:
+async def known_runs_hint(reader: StoreView) -> str:
     runs = await reader.runs()
     if not runs:
         return "the database holds no runs yet"
@@ -151,14 +149,14 @@ def _check_keys(what: str, keys: Sequence[str], stored: set[str], run_id: str) -
                 f"{', '.join(sorted(stored)) or 'none'}")
 
 
-async def build(conn: asyncpg.Connection, selection: Selection) -> Report:
+async def build(store: Store, selection: Selection) -> Report:
     """Every query in one snapshot, so that a report taken while servers write is
     consistent with itself."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await _build(Reader(conn), selection)
+    async with store.snapshot() as view:
+        return await _build(view, selection)
 
 
-async def _build(reader: Reader, selection: Selection) -> Report:
+async def _build(reader: StoreView, selection: Selection) -> Report:
     run_id = selection.run_id
     series = await reader.series(run_id)
     if not series:
@@ -210,13 +208,13 @@ async def _build(reader: Reader, selection: Selection) -> Report:
                     span_source=span_source, span_note=span_note)
     for generator in generators or []:
         if generator.units:
-            report.units.update(orjson.loads(generator.units))
+            report.units.update(generator.units)
     feeder = _Feeder(report)
     where = dict(selection.where)
-    for table in ("trend_buckets", "counter_buckets"):
+    for table in (TREND, COUNTER):
         async for row in reader.rows(table, run_id, selection.start, selection.end, where,
                                      selection.metrics):
-            feeder.feed(table, row)
+            feeder.feed(row)
     feeder.finish()
     if not report.rows:
         raise ReportError(
@@ -231,7 +229,7 @@ async def _build(reader: Reader, selection: Selection) -> Report:
     return report
 
 
-async def whole_run_span(reader: Reader, run_id: str) -> tuple[float, float] | None:
+async def whole_run_span(reader: StoreView, run_id: str) -> tuple[float, float] | None:
     """The whole run's span for rates per second, as a report without a window takes it:
     the generators' first to last sample, else the buckets'. None for a run without rows."""
     whole = await reader.extent(run_id, None, None)
@@ -245,7 +243,7 @@ async def whole_run_span(reader: Reader, run_id: str) -> tuple[float, float] | N
     return await _bucket_span(reader, run_id, whole, whole)
 
 
-async def _bucket_span(reader: Reader, run_id: str, whole: Extent, extent: Extent
+async def _bucket_span(reader: StoreView, run_id: str, whole: Extent, extent: Extent
                        ) -> tuple[float, float]:
     """From the first selected bucket's start to the last one's end; when the selection
     reaches the run's end, to the latest sample time recorded in gauge states instead."""
@@ -274,7 +272,6 @@ class _Feeder:
     def __init__(self, report: Report) -> None:
         self.report = report
         self.by = report.selection.by
-        self.tag_cache: dict[str, dict[str, str]] = {}
         # metric -> [(filter, accumulator)] of the thresholds' submetrics
         self.submetrics: dict[str, list[tuple[Tags, Selected]]] = {}
         for threshold in report.selection.thresholds:
@@ -295,14 +292,6 @@ class _Feeder:
         self.point_acc = TrendAccumulator()
         self.counter_buckets: dict[tuple[str, float], tuple[int, CounterAccumulator]] = {}
 
-    def _tags(self, text: str) -> dict[str, str]:
-        tags = self.tag_cache.get(text)
-        if tags is None:
-            tags = self.tag_cache[text] = orjson.loads(text)
-            if "group" in tags:
-                self.report.group_paths.add(tags["group"])
-        return tags
-
     def _targets(self, metric: str, kind: str, tags: dict[str, str]) -> list[Selected]:
         report = self.report
         targets = []
@@ -322,43 +311,39 @@ class _Feeder:
                 targets.append(selected)
         return targets
 
-    def feed(self, table: str, row: asyncpg.Record) -> None:
+    def feed(self, row: StoredRow) -> None:
         self.report.rows += 1
-        metric = row["metric"]
-        tags = self._tags(row["tags"])
-        bucket = row["bucket"]
-        if table == "trend_buckets":
-            centroids = digest.decode(row["digest"])
-            args: tuple[Any, ...] = (row["count"], row["sum"], row["min"], row["max"],
-                                     row["zeros"], centroids, row["sum_rest"])
+        metric, tags, bucket, values = row.metric, row.tags, row.bucket, row.values
+        if "group" in tags:
+            self.report.group_paths.add(tags["group"])
+        if isinstance(values, TrendRow):
+            centroids = digest.decode(values.digest)
             for target in self._targets(metric, "trend", tags):
                 assert target.trend is not None
-                target.trend.add(*args)
+                target.trend.add_row(values, centroids)
             if self.per_bucket:
                 if self.point_key != (metric, bucket):
                     self._close_point()
                     self.point_key = (metric, bucket)
-                    self.point_seconds = row["bucket_seconds"]
-                self.point_acc.add(*args)
+                    self.point_seconds = row.bucket_seconds
+                self.point_acc.add_row(values, centroids)
             return
-        kind = row["metric_type"]
-        state = orjson.loads(row["state"]) if row["state"] else None
-        args = (bucket, row["value"], row["count"], row["nonzero"], row["min"], row["max"],
-                state)
+        assert isinstance(values, CounterRow)
+        kind = values.metric_type
         for target in self._targets(metric, kind, tags):
             assert target.counter is not None
-            target.counter.add(*args)
+            target.counter.add_row(bucket, values)
         if metric == "checks" and "check" in tags:
             tally = self.report.checks.setdefault((tags.get("group", ""), tags["check"]), [0, 0])
-            tally[0] += row["nonzero"]
-            tally[1] += row["count"] - row["nonzero"]
+            tally[0] += values.nonzero
+            tally[1] += values.count - values.nonzero
         if self.per_bucket:
             key = (metric, bucket)
             entry = self.counter_buckets.get(key)
             if entry is None:
-                entry = self.counter_buckets[key] = (row["bucket_seconds"],
+                entry = self.counter_buckets[key] = (row.bucket_seconds,
                                                      CounterAccumulator(kind))
-            entry[1].add(*args)
+            entry[1].add_row(bucket, values)
 
     def _close_point(self) -> None:
         if self.point_key is not None and self.point_acc.count:

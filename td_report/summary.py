@@ -16,6 +16,7 @@ import numpy as np
 
 from common import digest
 from common.exactsum import ExactSum
+from common.store.rows import CounterRow, TrendRow
 from td_report import band
 from td_report.thresholds import Expression
 
@@ -90,6 +91,11 @@ class TrendAccumulator:
     def total(self) -> float:
         return self.sum.value()
 
+    def add_row(self, row: TrendRow, centroids: digest.Centroids | None = None) -> None:
+        """A stored or written row; ``centroids`` when its sketch is decoded already."""
+        self.add(row.count, row.sum, row.min, row.max, row.zeros,
+                 digest.decode(row.digest) if centroids is None else centroids, row.sum_rest)
+
     def add(self, count: int, total: float, lo: float, hi: float, zeros: int,
             centroids: digest.Centroids, rest: Sequence[float] | None = None) -> None:
         self.count += count
@@ -148,11 +154,24 @@ class CounterAccumulator:
         self.last_by_producer: dict[str, tuple[float, float]] = {}
         self.last_stateless = 0.0  # summed values of latest-bucket rows without state
 
+    def add_row(self, bucket: float, row: CounterRow) -> None:
+        """A stored or written row (bucket start in epoch seconds)."""
+        self._add(bucket, row.value, row.count, row.nonzero, row.min, row.max,
+                  (row.sum, *row.sum_rest), row.gauge_last)
+
     def add(self, bucket: float, value: float, count: int, nonzero: int, lo: float, hi: float,
             state: Mapping[str, Any] | None) -> None:
+        """A row's columns, ``state`` in its stored JSON form ({"sum", "sum_rest",
+        "gauge_last"}, each optional)."""
+        exact = ((state["sum"], *state.get("sum_rest", ())) if state and "sum" in state
+                 else None)
+        self._add(bucket, value, count, nonzero, lo, hi, exact, (state or {}).get("gauge_last"))
+
+    def _add(self, bucket: float, value: float, count: int, nonzero: int, lo: float,
+             hi: float, exact: Sequence[float] | None, last: Any) -> None:
         if self.kind == "counter":
-            if state and "sum" in state:  # the exact sum: rounded, and what was left out
-                self.sum.add(ExactSum.of_expansion((state["sum"], *state.get("sum_rest", ()))))
+            if exact is not None:  # the exact sum: rounded, and what was left out
+                self.sum.add(ExactSum.of_expansion(exact))
             else:
                 self.sum.add_float(value)
         self.samples += count
@@ -165,7 +184,6 @@ class CounterAccumulator:
             self.last_bucket = bucket
             self.last_by_producer = {}
             self.last_stateless = 0.0
-        last = (state or {}).get("gauge_last")
         if not isinstance(last, dict) or not last:
             self.last_stateless += value
             return

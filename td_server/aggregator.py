@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 from common import digest
 from common.aggregate import BucketKey
 from common.exactsum import ExactSum
 from common.protocol import ROLE_TD, Limits, TrendPartial, parse_trend_item
+from common.store.rows import TrendRow, Values
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Merging is deferred: parts pile up and are merged in one pass until they hold this many
@@ -47,10 +47,6 @@ class TrendState:
 
 class TrendAggregator:
     role = ROLE_TD
-    table = "trend_buckets"
-    value_columns = ("count", "sum", "min", "max", "mean", "p50", "p90", "p95", "p99", "digest",
-                     "zeros", "sum_rest")
-    stored_columns = ("count", "sum", "min", "max", "digest", "zeros", "sum_rest")
 
     def parse_item(self, item: object, limits: Limits,
                    notes: Counter[str] | None = None) -> TrendPartial:
@@ -86,16 +82,17 @@ class TrendAggregator:
         for part in other.parts:
             state.merge_digest(part)
 
-    def from_stored(self, stored: Any) -> TrendState:
-        count, total, lo, hi, blob, zeros, rest = stored
-        return TrendState(count, total, lo, hi, [digest.decode(blob)], zeros, rest or ())
+    def from_stored(self, stored: Values) -> TrendState:
+        assert isinstance(stored, TrendRow)
+        return TrendState(stored.count, stored.sum, stored.min, stored.max,
+                          [digest.decode(stored.digest)], stored.zeros, stored.sum_rest)
 
-    def values(self, state: TrendState) -> tuple[Any, ...]:
+    def values(self, state: TrendState) -> TrendRow:
         merged = digest.merge(state.parts)
         state.parts = [merged]
         state.held = len(merged)
         p50, p90, p95, p99 = digest.quantiles(merged, QUANTILES, state.lo, state.hi,
                                               state.zeros)
         total, *rest = state.sum.expansion()
-        return (state.count, total, state.lo, state.hi, total / state.count,
-                p50, p90, p95, p99, digest.encode(merged), state.zeros, rest or None)
+        return TrendRow(state.count, total, state.lo, state.hi, state.zeros,
+                        digest.encode(merged), tuple(rest), p50, p90, p95, p99)

@@ -14,6 +14,8 @@ from common import digest
 from common.aggregate import OpenBuckets
 from common.exactsum import expansion_of
 from common.protocol import CounterPartial, TrendPartial
+from common.store.postgres import columns
+from common.store.rows import COUNTER, TREND, CounterRow, TrendRow, Values
 from non_td_server.aggregator import CounterAggregator, CounterState
 from td_server.aggregator import TrendAggregator, TrendState
 from tests.utils import quantile_ok
@@ -43,25 +45,24 @@ def counter(kind: str, values: list[float], last_ns: int = 0, bucket: int = B,
                           values[-1], tuple(rest))
 
 
-def as_row(aggregator: Any, values: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The stored_columns of a written row, as the sink's SELECT returns them."""
-    by_name = dict(zip(aggregator.value_columns, values, strict=True))
-    return tuple(by_name[c] for c in aggregator.stored_columns)
+def columns_of(values: Values) -> dict[str, Any]:
+    """A row as PostgreSQL stores it, by column name."""
+    kind = TREND if isinstance(values, TrendRow) else COUNTER
+    return dict(zip(columns.WRITTEN[kind], columns.written(values), strict=True))
 
 
-def trend_row(values: tuple[Any, ...]) -> dict[str, Any]:
-    return dict(zip(TrendAggregator.value_columns, values, strict=True))
+def as_row(aggregator: Any, values: Values) -> Values:
+    """A written row as the store reads it back: through PostgreSQL's columns."""
+    kind = TREND if isinstance(values, TrendRow) else COUNTER
+    by_name = columns_of(values)
+    return columns.read(kind, [by_name[c.split("::")[0]] for c in columns.READ[kind]])
+
+
+def trend_row(values: Values) -> dict[str, Any]:
+    return columns_of(values)
 
 
 # --- trends ----------------------------------------------------------------------
-
-
-def test_trend_columns() -> None:
-    assert TrendAggregator.value_columns == ("count", "sum", "min", "max", "mean", "p50", "p90",
-                                             "p95", "p99", "digest", "zeros", "sum_rest")
-    assert TrendAggregator.stored_columns == ("count", "sum", "min", "max", "digest", "zeros",
-                                              "sum_rest")
-    assert set(TrendAggregator.stored_columns) <= set(TrendAggregator.value_columns)
 
 
 def test_trend_merge_exact_totals() -> None:
@@ -75,8 +76,7 @@ def test_trend_merge_exact_totals() -> None:
     assert len(buckets) == 1
     (key,) = buckets.entries
     assert key == (RUN, "http_req_duration", (("name", "home"),), B)
-    values = TrendAggregator().values(buckets.entries[key].state)
-    row = dict(zip(TrendAggregator.value_columns, values, strict=True))
+    row = trend_row(TrendAggregator().values(buckets.entries[key].state))
     everything = a + b + c
     assert row["count"] == 9
     assert row["sum"] == 35.5  # every value is a binary fraction: the sum is exact
@@ -122,7 +122,10 @@ def test_trend_many_partials_compact_without_losing_mass() -> None:
         buckets.merge(RUN, f"gen-{i % 7}", trend(chunk))
     (state,) = [entry.state for entry in buckets.entries.values()]
     everything = np.concatenate(chunks)
-    count, total, lo, hi, mean, p50, p90, p95, p99, blob, zeros, rest = aggregator.values(state)
+    out = trend_row(aggregator.values(state))
+    count, total, lo, hi, mean, blob, zeros, rest = (out[c] for c in (
+        "count", "sum", "min", "max", "mean", "digest", "zeros", "sum_rest"))
+    p50, p90, p95, p99 = out["p50"], out["p90"], out["p95"], out["p99"]
     assert count == 35_000
     assert zeros == 0
     # Exact through 70 partials: the correctly rounded sum, and with sum_rest the sum
@@ -145,7 +148,6 @@ def test_trend_values_is_repeatable() -> None:
     aggregator.add(state, trend([4.0, 5.0]), "q")
     first = aggregator.values(state)
     second = aggregator.values(state)
-    assert len(first) == len(TrendAggregator.value_columns)
     assert first == second
 
 
@@ -159,7 +161,8 @@ def test_trend_stored_round_trip_and_late_absorb() -> None:
     for part in on_time[1:]:
         aggregator.add(written, trend(part), "b")
     row = as_row(aggregator, aggregator.values(written))
-    count, total, lo, hi, blob, zeros, _ = row
+    assert isinstance(row, TrendRow)
+    count, zeros, blob = row.count, row.zeros, row.digest
     assert isinstance(blob, bytes)
     assert (count, zeros) == (12_000, 0)
 
@@ -172,7 +175,7 @@ def test_trend_stored_round_trip_and_late_absorb() -> None:
     aggregator.add(closing, trend(late[1]), "c")
     merged = aggregator.from_stored(row)
     aggregator.absorb(merged, closing)
-    out = dict(zip(aggregator.value_columns, aggregator.values(merged), strict=True))
+    out = trend_row(aggregator.values(merged))
     everything = np.concatenate(on_time + late)
     assert out["count"] == 15_000
     assert math.isclose(out["sum"], math.fsum(everything), rel_tol=1e-12)
@@ -191,8 +194,9 @@ def test_trend_absorb_extremes_from_either_side() -> None:
     stored = aggregator.from_stored(as_row(aggregator, aggregator.values(
         aggregator.new_state(trend([5.0, 6.0]), "a"))))
     aggregator.absorb(stored, aggregator.new_state(trend([0.5, 100.0]), "b"))
-    count, total, lo, hi, mean, *_ = aggregator.values(stored)
-    assert (count, total, lo, hi, mean) == (4, 111.5, 0.5, 100.0, 111.5 / 4)
+    out = trend_row(aggregator.values(stored))
+    assert tuple(out[c] for c in ("count", "sum", "min", "max", "mean")) == (
+        4, 111.5, 0.5, 100.0, 111.5 / 4)
 
 
 # --- trends with exact zeros ----------------------------------------------------------
@@ -271,8 +275,9 @@ def test_trend_zeros_through_storage_absorb_and_late_merge() -> None:
     on_time_zeros = sum(int(np.count_nonzero(p == 0.0)) for p in on_time)
     assert written.zeros == on_time_zeros
     row = as_row(aggregator, aggregator.values(written))
-    assert row[0] == 12_000
-    assert row[5] == on_time_zeros
+    assert isinstance(row, TrendRow)
+    assert row.count == 12_000
+    assert row.zeros == on_time_zeros
     reread = aggregator.from_stored(row)
     assert (reread.count, reread.zeros) == (12_000, on_time_zeros)
     assert aggregator.values(reread) == aggregator.values(written)
@@ -331,7 +336,7 @@ def test_trend_zeros_survive_compaction() -> None:
 
 def counter_values(state: CounterState) -> dict[str, Any]:
     aggregator = CounterAggregator()
-    return dict(zip(aggregator.value_columns, aggregator.values(state), strict=True))
+    return columns_of(aggregator.values(state))
 
 
 def test_counter_sum() -> None:
@@ -426,7 +431,8 @@ def test_gauge_stored_round_trip_and_late_absorb() -> None:
     written = aggregator.new_state(counter("gauge", [5.0, 7.0], last_ns=1_000), "gen-a")
     aggregator.add(written, counter("gauge", [3.0], last_ns=2_000), "gen-b")
     row = as_row(aggregator, aggregator.values(written))
-    assert row[1] == 10.0  # the stored value column: 7 + 3
+    assert isinstance(row, CounterRow)
+    assert row.value == 10.0  # the stored value column: 7 + 3
     # The stored state must carry the exact sample sum (15), not the gauge value (10).
     reread = aggregator.from_stored(row)
     assert aggregator.values(reread) == aggregator.values(written)

@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 import pytest
 
-from common.sink import ensure_schema
+from common.store.postgres import create_schema
 from td_report.database import GeneratorInfo
 from td_report.generators import labels, sample_span, waiting_for
 
@@ -36,7 +36,7 @@ RUN = "gen-run"
 @pytest.fixture
 async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn)
-    await ensure_schema(conn)
+    await create_schema(conn)
     try:
         yield conn
     finally:

@@ -285,8 +285,8 @@ async def test_retrying_a_write_whose_commit_went_through_counts_once(dsn: str,
         await client.send(1, [trend_item(np.arange(1.0, 101.0))])
         await client.close()
         batch = server.open.take_all()
-        assert server._sink is not None
-        assert await server._sink.write(batch) == 0
-        assert await server._sink.write(batch) == 0  # the "retry"
+        assert server._writer is not None
+        assert await server._writer.write(batch) == 0
+        assert await server._writer.write(batch) == 0  # the "retry"
     rows = await fetch(dsn, "SELECT count, sum FROM trend_buckets")
     assert [tuple(r) for r in rows] == [(100, 5050.0)]

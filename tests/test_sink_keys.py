@@ -17,7 +17,10 @@ import pytest
 
 from common import digest
 from common.aggregate import BucketKey, Entry
-from common.sink import KEY_LOOKUP_SETTINGS, PgSink, ensure_schema, is_permanent
+from common.store import StoreError, is_permanent
+from common.store.postgres import create_schema
+from common.store.postgres.errors import translate
+from common.store.postgres.writer import KEY_LOOKUP_SETTINGS, PgBucketWriter, key_arrays
 from non_td_server.aggregator import CounterAggregator, CounterState
 from td_server.aggregator import TrendAggregator, TrendState
 from tests.utils import wait_until
@@ -65,13 +68,13 @@ def wide_tags(count: int, key_length: int, value_length: int, seed: int = 0) -> 
 
 
 @contextlib.asynccontextmanager
-async def sink_for(dsn: str, table: str, **server_settings: str) -> AsyncIterator[PgSink]:
+async def sink_for(dsn: str, table: str, **server_settings: str) -> AsyncIterator[PgBucketWriter]:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2,
                                      server_settings=server_settings or None)
     try:
         async with pool.acquire() as conn:
-            await ensure_schema(conn)
-        yield PgSink(pool, aggregator_of(table), WIDTH)
+            await create_schema(conn)
+        yield PgBucketWriter(pool, "test", aggregator_of(table), WIDTH)
     finally:
         await pool.close()
 
@@ -206,9 +209,9 @@ async def test_tables_keyed_on_tags_are_upgraded_in_place(dsn: str, table: str) 
     conn = await asyncpg.connect(dsn)
     try:
         before = await table_contents(conn, table)
-        await ensure_schema(conn)
+        await create_schema(conn)
         upgraded = await table_contents(conn, table)
-        await ensure_schema(conn)  # a second start finds nothing to do and rewrites nothing
+        await create_schema(conn)  # a second start finds nothing to do and rewrites nothing
         assert await table_contents(conn, table) == upgraded
         assert [row[1:] for row in upgraded] == [row[1:] for row in before]  # data kept
         assert await index_names(conn, table) == {f"{table}_key"}
@@ -301,7 +304,7 @@ async def test_key_lookups_probe_the_unique_index_whatever_the_statistics(
         await conn.execute(FILL[table], BUCKET, SERIES_PER_BUCKET)
         # A late batch: half of its keys stored, half not.
         batch = [key(f"s{i}") for i in range(SERIES_PER_BUCKET - 500, SERIES_PER_BUCKET + 500)]
-        args = sink.key_arrays(batch)
+        args = key_arrays(batch)
 
         async def check(statistics: str) -> None:
             for sql in (sink.select_stored, sink.select_positions):
@@ -317,7 +320,7 @@ async def test_key_lookups_probe_the_unique_index_whatever_the_statistics(
         await check("analysed")
         # Statistics that know nothing of the bucket a batch goes to.
         await conn.execute(FILL[table], BUCKET + WIDTH, SERIES_PER_BUCKET)
-        args = sink.key_arrays([k[:3] + (BUCKET + WIDTH,) for k in batch])
+        args = key_arrays([k[:3] + (BUCKET + WIDTH,) for k in batch])
         await check("stale")
 
 
@@ -361,7 +364,7 @@ async def test_data_errors_of_the_database_are_permanent(dsn: str, table: str) -
     async with sink_for(dsn, table) as sink:
         for reason, bad in bad_entries(table).items():
             error = await failure_of(sink.write(entries_of(table, [key("good"), bad], 1)))
-            assert isinstance(error, expected[reason]), (reason, error)
+            assert isinstance(error.__cause__, expected[reason]), (reason, error)
             assert is_permanent(error), (reason, error)
         async with sink.pool.acquire() as conn:
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0  # all or nothing
@@ -379,12 +382,12 @@ async def test_data_that_cannot_be_encoded_is_permanent(dsn: str) -> None:
         # A metric type the table's CHECK refuses.
         odd_kind = {key(): Entry(CounterState("odd", 1.0, 1, 1, 1.0, 1.0, {}), 0, 1)}
         odd_kind_error = await failure_of(sink.write(odd_kind))
-        assert isinstance(odd_kind_error, asyncpg.CheckViolationError)
+        assert isinstance(odd_kind_error.__cause__, asyncpg.CheckViolationError)
         assert is_permanent(odd_kind_error)
         async with sink.pool.acquire() as conn:
             for sql in ("SELECT 'x'::integer", "INSERT INTO counter_buckets (bucket) "
                         "VALUES (now())", "SELECT 1e300::float8::integer"):
-                assert is_permanent(await failure_of(conn.fetch(sql))), sql
+                assert is_permanent(translate(await failure_of(conn.fetch(sql)), "")), sql
 
 
 def free_port() -> int:
@@ -428,7 +431,7 @@ async def test_a_write_that_waits_too_long_for_a_lock_is_retryable(dsn: str) -> 
                 locked = await failure_of(sink.write(entries_of(table, [key()], 2)))
         finally:
             await locker.close()
-        assert isinstance(locked, asyncpg.LockNotAvailableError)
+        assert isinstance(locked.__cause__, asyncpg.LockNotAvailableError)
         assert not is_permanent(locked)
         assert await sink.write(entries_of(table, [key()], 2)) == 1  # the retry passes
 
@@ -439,13 +442,14 @@ async def test_other_failures_of_the_moment_are_retryable(dsn: str) -> None:
         await conn.execute("SET statement_timeout = '50ms'")
         cancelled = await failure_of(conn.fetch("SELECT pg_sleep(1)"))
         assert isinstance(cancelled, asyncpg.QueryCanceledError)
-        assert not is_permanent(cancelled)
+        assert not is_permanent(translate(cancelled, ""))
         # A table another release changed or dropped: not the entries' fault.
-        assert not is_permanent(await failure_of(conn.fetch("SELECT * FROM no_such_table")))
+        assert not is_permanent(translate(
+            await failure_of(conn.fetch("SELECT * FROM no_such_table")), ""))
     finally:
         await conn.close()
-    assert not is_permanent(await failure_of(conn.fetch("SELECT 1")))  # closed
-    assert not is_permanent(await failure_of(serialization_failure(dsn)))
+    assert not is_permanent(translate(await failure_of(conn.fetch("SELECT 1")), ""))  # closed
+    assert not is_permanent(translate(await failure_of(serialization_failure(dsn)), ""))
     async with sink_for(dsn, "trend_buckets") as sink:
         pass
     closed_pool = await failure_of(sink.write(entries_of("trend_buckets", [key()], 1)))
@@ -453,7 +457,7 @@ async def test_other_failures_of_the_moment_are_retryable(dsn: str) -> None:
     refused = await failure_of(asyncpg.connect(host="127.0.0.1", port=free_port(),
                                                user="postgres", timeout=5))
     assert isinstance(refused, OSError)
-    assert not is_permanent(refused)
+    assert not is_permanent(translate(refused, ""))
 
 
 async def serialization_failure(dsn: str) -> None:
@@ -514,8 +518,10 @@ async def test_write_each_raises_a_retryable_failure(dsn: str) -> None:
         try:
             async with locker.transaction():
                 await locker.execute(f"SELECT * FROM {table} FOR UPDATE")
-                with pytest.raises(asyncpg.LockNotAvailableError):
+                with pytest.raises(StoreError) as raised:
                     await sink.write_each(entries_of(table, [key(), key("b")], 2))
         finally:
             await locker.close()
+        assert isinstance(raised.value.__cause__, asyncpg.LockNotAvailableError)
+        assert not is_permanent(raised.value)
         assert await sink.stored_positions([key(), key("b")]) == {key(): 1}

@@ -1,5 +1,6 @@
-"""Percentiles over any set of stored rows in SQL (tdagg_percentile, common/schema.sql),
-against td-report's own read of the same rows and against numpy on the raw samples."""
+"""Percentiles over any set of stored rows in SQL (tdagg_percentile, in
+common/store/postgres/schema.sql), against td-report's own read of the same rows and
+against numpy on the raw samples."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from common import digest, protocol
 from common.protocol import TrendPartial
-from common.sink import ensure_schema
+from common.store.postgres import create_schema
 from td_report.summary import TrendAccumulator
 from tests.test_server_db import OLD_BUCKET
 from tests.utils import Client, fetch, quantile_ok, run_server, wait_until
@@ -106,7 +107,7 @@ async def test_sql_reads_every_bucket_of_a_sketch(dsn: str) -> None:
     heavy[:, 1] *= 2**33
     conn = await asyncpg.connect(dsn)
     try:
-        await ensure_schema(conn)
+        await create_schema(conn)
         for centroids in (sketch, heavy):
             rows = await conn.fetch("SELECT value, count FROM tdagg_sketch($1) ORDER BY value",
                                     digest.encode(centroids))

@@ -17,6 +17,7 @@ from common import protocol
 from common.aggregate import Aggregator
 from common.config import ServerConfig
 from common.server import AggregatorServer
+from common.store import open_store
 from non_td_server.aggregator import CounterAggregator
 from td_server.aggregator import TrendAggregator
 
@@ -31,7 +32,7 @@ async def run_server(dsn: str, state_dir: Path, role: str = protocol.ROLE_TD,
     settings.setdefault("metrics_listen", None)
     config = ServerConfig(listen=("127.0.0.1", 0), dsn=dsn, state_dir=state_dir / role,
                           **settings)
-    server = AggregatorServer(config, aggregator, dsn, dsn)
+    server = AggregatorServer(config, aggregator, open_store(dsn))
     await server.start()
     try:
         yield server

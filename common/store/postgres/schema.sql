@@ -4,7 +4,7 @@
 --
 -- A row's key is (run_id, metric, bucket, tags_hash). tags_hash is the md5 of the tags'
 -- canonical jsonb text, decode(md5(tags::text), 'hex'), always computed by PostgreSQL from
--- the jsonb (common/sink.py, TAGS_HASH) so that no client can compute it differently. The
+-- the jsonb (common/store/postgres/writer.py, TAGS_HASH) so that no client can compute it differently. The
 -- tags themselves cannot be a key column: 32 tags of 256 characters, up to 4 bytes each,
 -- overflow a btree entry (2704 bytes). run_id and metric are at most 200 characters, so the
 -- key fits. Its column order also serves the readers' (run_id, metric, bucket range) scans.

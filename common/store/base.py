@@ -1,0 +1,221 @@
+"""The storage interface: what the servers write and what the tools read.
+
+A ``Store`` is one database. Its write side is the schema, one ``BucketWriter`` per
+server role (batch writes that merge late data and skip what an earlier attempt
+committed, and the write-ahead-log positions rows hold), generator rows, input claims
+and threshold evaluations. Its read side is a ``StoreView``: one consistent snapshot of
+runs, series, rows, totals and generators. Backends live in sub-packages, one per store;
+nothing outside them talks to a database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from common.store.rows import (
+    BucketKey,
+    Evaluation,
+    Extent,
+    GeneratorInfo,
+    MetricTotals,
+    Policies,
+    RunInfo,
+    Series,
+    StoredRow,
+)
+
+if TYPE_CHECKING:
+    from common.aggregate import Aggregator, Entry
+    from common.generators import GeneratorRow
+
+
+class StoreError(Exception):
+    """The store failed a request. The message names the store (never a password)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached, or stopped answering: the same request may pass
+    later."""
+
+
+class SchemaMissing(StoreError):
+    """The store has no tdagg tables: no server has written to it."""
+
+
+class RowsRefused(StoreError):
+    """The store refuses the data itself: retrying the same rows can never pass."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a failed batch write can never succeed by retrying that same batch.
+
+    True for data the store refuses and for Python errors raised while encoding a row
+    (the same entries raise them again). False for everything else, unknown errors
+    included, since dropping data on a passing fault is worse than retrying.
+    """
+    if isinstance(exc, StoreError):
+        return isinstance(exc, RowsRefused)
+    return isinstance(exc, ValueError | TypeError | ArithmeticError)
+
+
+class BucketWriter(ABC):
+    """Writes the closed buckets of one server role's table."""
+
+    def __init__(self, aggregator: Aggregator[Any, Any], bucket_seconds: int) -> None:
+        self.aggregator = aggregator
+        self.bucket_seconds = bucket_seconds
+
+    @abstractmethod
+    async def write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:
+        """Write a batch atomically; return how many rows held late data.
+
+        Idempotent, so that any failure may be retried with the same entries: a stored
+        row whose log position already reaches an entry's last position holds that
+        entry (an earlier attempt committed it), and the entry is skipped. Late data is
+        merged into a state rebuilt from the stored row (aggregator.from_stored), never
+        into the entry's own state. Any part of a batch may be written on its own."""
+
+    @abstractmethod
+    async def stored_positions(self, keys: Sequence[BucketKey]) -> dict[BucketKey, int]:
+        """The write-ahead-log position each existing row already contains."""
+
+    @abstractmethod
+    async def max_position(self) -> int:
+        """The highest log position any row of this table holds (0 when none)."""
+
+    async def write_each(self, entries: Mapping[BucketKey, Entry[Any]]
+                         ) -> tuple[int, dict[BucketKey, BaseException]]:
+        """Write a batch, setting aside the entries that can never be written.
+
+        Returns (rows that held late data, {key: error} of the entries set aside); every
+        other entry is written. A batch that fails permanently (is_permanent) is split in
+        halves, each written on its own, down to single entries: k bad entries among n
+        cost about 2·k·log2(n) extra writes. Any other failure is raised as is, and the
+        whole batch may be retried (halves written before it are skipped: write is
+        idempotent).
+        """
+        try:
+            return await self.write(entries), {}
+        except Exception as exc:
+            if not is_permanent(exc):
+                raise
+            if len(entries) <= 1:
+                return 0, {key: exc for key in entries}
+        items = list(entries.items())
+        middle = len(items) // 2
+        late_first, failed_first = await self.write_each(dict(items[:middle]))
+        late_second, failed_second = await self.write_each(dict(items[middle:]))
+        return late_first + late_second, failed_first | failed_second
+
+
+class StoreView(ABC):
+    """The read side, over one consistent snapshot."""
+
+    @abstractmethod
+    async def runs(self) -> list[RunInfo]:
+        """Every stored run, latest last bucket first."""
+
+    @abstractmethod
+    async def series(self, run_id: str) -> list[Series]: ...
+
+    @abstractmethod
+    async def extent(self, run_id: str, start: datetime | None, end: datetime | None
+                     ) -> Extent | None:
+        """Time covered by the run's buckets that overlap [start, end); None if none
+        do."""
+
+    @abstractmethod
+    async def last_sample(self, run_id: str) -> tuple[float, float] | None:
+        """(end of the run's last bucket, time of the latest sample recorded in it).
+
+        Only gauges store a sample time (each generator's latest); k6 samples ``vus``
+        every second, so this is within about a second of the run's end."""
+
+    @abstractmethod
+    async def gauge_producers(self, run_id: str, start: datetime | None,
+                              end: datetime | None) -> set[str]:
+        """Producer ids of the k6-forward processes named in the window's gauge rows."""
+
+    @abstractmethod
+    async def generators(self, run_id: str) -> list[GeneratorInfo] | None:
+        """The run's generators, earliest start first; None when the store has no
+        generator table (servers of a release before it)."""
+
+    @abstractmethod
+    def rows(self, table: str, run_id: str, start: datetime | None, end: datetime | None,
+             where: Mapping[str, str], metrics: Sequence[str] | None = None
+             ) -> AsyncIterator[StoredRow]:
+        """The run's rows of one table (rows.TREND or rows.COUNTER) overlapping
+        [start, end) whose tags include ``where``, ordered by metric then bucket; only
+        of ``metrics`` when given."""
+
+    @abstractmethod
+    async def row_keys(self, run_id: str) -> set[tuple[str, int]]:
+        """(metric, bucket start) of every row of the run, in either table."""
+
+    @abstractmethod
+    async def totals(self, run_id: str) -> list[MetricTotals]:
+        """Per metric and table: rows, samples, the samples' sum and nonzero samples."""
+
+    @abstractmethod
+    async def evaluations(self, run_id: str) -> list[Evaluation]:
+        """Every stored threshold evaluation of the run, oldest first."""
+
+
+class Store(ABC):
+    """One database. ``label`` names it for humans and never shows a password."""
+
+    label: str
+
+    @abstractmethod
+    async def open(self, connections: int = 3) -> None:
+        """Connect; StoreUnavailable (what was tried, and why) when it cannot."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ensure_schema(self, policies: Policies | None = None) -> None:
+        """Create the tables if missing, and apply the policies; StoreError saying what
+        is missing when a policy cannot be applied."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return once the store answers; StoreUnavailable otherwise."""
+
+    @abstractmethod
+    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int) -> BucketWriter:
+        """The bucket writer of the aggregator's role."""
+
+    @abstractmethod
+    async def record_generators(self, rows: Sequence[GeneratorRow]) -> None:
+        """Upsert generator rows; a field a row does not know keeps its stored value."""
+
+    @abstractmethod
+    async def mark_written(self, role: str, keys: Sequence[tuple[str, str]]) -> None:
+        """Every bucket of these (run, producer) generators that the role's server holds
+        is stored; the first such time is kept."""
+
+    @abstractmethod
+    async def claim_input(self, run_id: str, role: str, input_id: str,
+                          producer: str) -> tuple[str, float]:
+        """Record that ``producer`` sends ``input_id`` in ``run_id``; return the producer
+        that claimed it first and when (epoch seconds): another one means a rerun."""
+
+    @abstractmethod
+    async def record_evaluations(self, rows: Sequence[Evaluation]) -> None: ...
+
+    @abstractmethod
+    def snapshot(self) -> contextlib.AbstractAsyncContextManager[StoreView]:
+        """The read side over one consistent snapshot, taken on entry."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
