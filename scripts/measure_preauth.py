@@ -23,8 +23,7 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.conftest import start_postgres, stop_postgres  # noqa: E402
-from tests.processes import server_process  # noqa: E402
+from common.harness import server_process, start_postgres  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -76,8 +75,8 @@ async def main() -> None:
     token = parent / "token"
     token.write_text("t0k3n\n")
     try:
-        async with server_process("td_server", str(postgres.get_uri()),  # type: ignore[attr-defined]
-                                  parent, "--token-file", str(token)) as td:
+        async with server_process("td_server", postgres.dsn(), parent, "--token-file",
+                                  str(token)) as td:
             pid = td.process.pid
             print(f"at start: RSS {memory_mb(pid)} MB")
             await half_frames(td.address, pid)
@@ -85,7 +84,7 @@ async def main() -> None:
             await idle(td.address, pid)
             await td.stop()
     finally:
-        stop_postgres(postgres)
+        postgres.stop()
         shutil.rmtree(parent, ignore_errors=True)
 
 

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import numpy as np
 
-from common import embedded
+from common import embedded, harness
 from common.cli import choose_database, run_loop
 from common.config import ForwarderConfig, ServerConfig, default_data_dir, parse_hostport
 from common.redact import format_exception, known_secrets, redact_text
+from common.store import SchemaMissing, StoreError, scheme_of
 from common.timebucket import NS_PER_S
 from k6_forward.link import LinkRefused
 from td_replay import procs
@@ -41,7 +41,6 @@ from td_replay.verify import Stored, Watcher, compare, expected_figures
 
 PROG = "td-replay"
 EXIT_OK, EXIT_MISMATCH, EXIT_SETUP = 0, 1, 2
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 EPILOG = """\
 Each generator is a separate producer (its own id, its own two connections) that feeds a
@@ -280,6 +279,10 @@ def _own_cpu() -> float:
 
 def resolve_dsn(args: argparse.Namespace) -> str:
     dsn = args.dsn or os.environ.get("TDAGG_DSN") or None
+    if dsn is not None and scheme_of(dsn) == "memory":
+        raise SetupError(f"--dsn {dsn}: a memory:// store lives inside one process; "
+                         f"td-replay checks the servers' rows from its own, so it needs "
+                         f"PostgreSQL or TimescaleDB")
     return choose_database(ServerConfig(dsn=dsn, data_dir=args.data_dir))[0]
 
 
@@ -292,7 +295,7 @@ class Replay:
         self.dsn = dsn
         self.secrets = known_secrets(args.dsn, dsn)
         self.run_id = args.run_id or f"replay-{uuid.uuid4().hex[:12]}"
-        self.started_servers: list[procs.ServerProcess] = []
+        self.started_servers: list[harness.ServerProcess] = []
         self.temp = Path(tempfile.mkdtemp(prefix="td-replay-"))
         self.generators: list[Generator] = []
 
@@ -306,8 +309,8 @@ class Replay:
             extra = ["--grace", f"{args.grace:g}", "--bucket-seconds", str(args.bucket_seconds),
                      *args.server_arg]
             for module, name in (("td_server", "td-server"), ("non_td_server", "non-td-server")):
-                server = await procs.start_server(module, name, self.dsn,
-                                                  self.temp / module, extra)
+                server = await harness.start_server(module, self.dsn, self.temp, *extra,
+                                                    metrics_listen="", name=name)
                 self.started_servers.append(server)
                 self.say(f"started {name} pid {server.pid} on "
                          f"{server.address[0]}:{server.address[1]}")
@@ -340,11 +343,10 @@ class Replay:
         watcher = Watcher(self.dsn, self.run_id, args.poll)
         try:
             await watcher.poll()
-        except asyncpg.UndefinedTableError:
+        except SchemaMissing as exc:
             await watcher.close()
-            raise SetupError("the database has no trend_buckets/counter_buckets tables: are "
-                             "the servers writing to this --dsn?") from None
-        except _DB_ERRORS as exc:
+            raise SetupError(f"{exc}: are the servers writing to this --dsn?") from None
+        except StoreError as exc:
             await watcher.close()
             raise SetupError(f"cannot query the database: {exc}") from None
         if watcher.first_seen:
@@ -536,7 +538,7 @@ async def amain(args: argparse.Namespace, recording: Recording, console: Console
     secrets = known_secrets(args.dsn)
     try:
         dsn = resolve_dsn(args)
-    except embedded.EmbeddedUnavailable as exc:
+    except (embedded.EmbeddedUnavailable, SetupError) as exc:
         print(f"{PROG}: error: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return EXIT_SETUP
     replay = Replay(args, recording, console, dsn)
@@ -556,7 +558,7 @@ async def amain(args: argparse.Namespace, recording: Recording, console: Console
         print(f"{PROG}: error: a server refused the replay: {redact_text(str(exc), secrets)}",
               file=sys.stderr)
         return EXIT_MISMATCH
-    except _DB_ERRORS as exc:
+    except StoreError as exc:
         console.finish()
         print(f"{PROG}: error: database: {redact_text(str(exc), secrets)}", file=sys.stderr)
         return EXIT_SETUP

@@ -32,7 +32,6 @@ import posixpath
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -57,8 +56,8 @@ from common.config import (
     TdServerConfig,
     load,
 )
+from common.harness import BIN, ServerProcess, http_target, k6_pipeline, start_process
 from tests.conftest import create_database
-from tests.processes import BIN, http_target, k6_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"
@@ -793,15 +792,13 @@ def test_grafana_provisioning_matches_compose() -> None:
 # --- the servers as the units start them, fed by the real k6 ----------------------------
 
 WATCHDOG_USEC = 1_000_000  # the unit's 30 s would outlast the run; the contract is the same
-READY_LINE = re.compile(rb"ready: listening on (\S+):(\d+),.* metrics http://(\S+):(\d+)/metrics")
+METRICS_URL = re.compile(r" metrics http://\S+:(\d+)/metrics")
 
 
-@dataclasses.dataclass
-class Running:
-    process: asyncio.subprocess.Process
-    address: tuple[str, int]
-    metrics_port: int
-    stderr: list[bytes]
+def metrics_port(server: ServerProcess) -> int:
+    found = METRICS_URL.search(server.ready_line)
+    assert found, server.ready_line
+    return int(found.group(1))
 
 
 @dataclasses.dataclass
@@ -815,14 +812,9 @@ class Deployment:
     health_refused: dict[str, int | None]
 
 
-async def _drain(stream: asyncio.StreamReader, sink: list[bytes]) -> None:
-    while line := await stream.readline():
-        sink.append(line)
-
-
 @contextlib.asynccontextmanager
 async def as_unit(name: str, dsn: str, root: Path, notify: socket.socket,
-                  ) -> AsyncIterator[Running]:
+                  ) -> AsyncIterator[ServerProcess]:
     """Start NAME the way its unit does: ExecStart's console script, the unit's
     Environment= and the env example (EnvironmentFile=), $NOTIFY_SOCKET, $WATCHDOG_USEC,
     the seccomp sandbox; only the database and loopback ports come from flags."""
@@ -836,31 +828,14 @@ async def as_unit(name: str, dsn: str, root: Path, notify: socket.socket,
     env |= env_example(name)
     env |= {"NOTIFY_SOCKET": notify.getsockname(), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     script = BIN / Path(unit_value(unit, "Service", "ExecStart")).name
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SANDBOX, json.dumps(sandbox_filters(unit)), str(script),
-        "--dsn", dsn, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-        env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    assert process.stderr is not None
-    lines: list[bytes] = []
-    drain = None
+    server = await start_process(
+        [sys.executable, "-c", SANDBOX, json.dumps(sandbox_filters(unit)), str(script),
+         "--dsn", dsn, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
+        name, env=env)
     try:
-        while True:
-            line = await asyncio.wait_for(process.stderr.readline(), 60)
-            if not line:
-                raise RuntimeError(f"{name} exited early:\n{b''.join(lines).decode()}")
-            lines.append(line)
-            match = READY_LINE.search(line)
-            if match:
-                break
-        drain = asyncio.create_task(_drain(process.stderr, lines))
-        yield Running(process, (match.group(1).decode(), int(match.group(2))),
-                      int(match.group(4)), lines)
+        yield server
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        if drain is not None:
-            await drain
+        await server.close()
 
 
 async def run_healthcheck(name: str, port: int) -> tuple[int | None, str]:
@@ -962,15 +937,15 @@ async def deploy_and_run(dsn: str, root: Path) -> Deployment:
             assert code == 0, err
             assert "acknowledged" in err, err
             running = {"td-server": td, "non-td-server": non_td}
-            health = {name: await run_healthcheck(name, r.metrics_port)
+            health = {name: await run_healthcheck(name, metrics_port(r))
                       for name, r in running.items()}
             refused = {name: (await run_healthcheck(name, free_port()))[0]
                        for name in running}
             exit_codes = {}
             for name, r in running.items():
-                r.process.send_signal(signal.SIGTERM)
-                exit_codes[name] = await asyncio.wait_for(r.process.wait(), stop_within[name])
-            stderr = {name: b"".join(r.stderr).decode() for name, r in running.items()}
+                # SIGTERM; a server still running after TimeoutStopSec is killed (-9).
+                exit_codes[name] = await r.stop(stop_within[name])
+            stderr = {name: r.log() for name, r in running.items()}
         await asyncio.sleep(0.2)  # the last datagrams
     finally:
         for task in listeners:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import http_target, k6_pipeline, server_process
+from common.harness import http_target, k6_pipeline, server_process
 from tests.rawstream import group, load_points
 from tests.utils import fetch
 

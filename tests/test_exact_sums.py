@@ -8,11 +8,9 @@ import math
 from fractions import Fraction
 
 import numpy as np
-import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import digest
 from common.exactsum import ExactSum, expansion_of
 from non_td_server.aggregator import CounterAggregator
 from td_report.summary import CounterAccumulator, TrendAccumulator
@@ -62,8 +60,7 @@ def test_report_sums_over_rows_are_correctly_rounded() -> None:
         state = aggregator.new_state(trend(row_parts[0]), "a")
         for part in row_parts[1:]:
             aggregator.add(state, trend(part), "b")
-        count, total, lo, hi, *_, blob, zeros, rest = aggregator.values(state)
-        accumulator.add(count, total, lo, hi, zeros, digest.decode(blob), rest)
+        accumulator.add_row(aggregator.values(state))
     everything = np.concatenate(parts).tolist()
     assert accumulator.total == math.fsum(everything)
     assert exact(accumulator.sum.expansion()) == exact(everything)
@@ -78,11 +75,10 @@ def test_counter_rows_and_report_totals_are_exact() -> None:
         state = aggregator.new_state(counter("counter", row_parts[0]), "a")
         for part in row_parts[1:]:
             aggregator.add(state, counter("counter", part), "b")
-        kind, value, count, nonzero, lo, hi, extra = aggregator.values(state)
+        row = aggregator.values(state)
         row_values = [v for p in row_parts for v in p]
-        assert value == math.fsum(row_values)
-        stored = orjson.loads(extra)
-        assert exact([stored["sum"], *stored.get("sum_rest", [])]) == exact(row_values)
-        accumulator.add(0.0, value, count, nonzero, lo, hi, stored)
+        assert row.value == math.fsum(row_values)
+        assert exact([row.sum, *row.sum_rest]) == exact(row_values)
+        accumulator.add_row(0.0, row)
     everything = [v for p in parts for v in p]
     assert accumulator.total == math.fsum(everything)

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from common import protocol
+from common.harness import server_process
 from tests.faults import CuttingProxy, feed_stream, forwarder, free_port, report
-from tests.processes import server_process
 from tests.rawstream import group, load_points
 from tests.utils import fetch, quantile_ok, run_server
 

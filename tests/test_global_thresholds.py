@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.processes import FIXTURES, http_target, k6_binary, server_process
+from common.harness import http_target, k6_binary, k6_script, server_process
 from tests.test_k6_child import stored_against_summary
 from tests.utils import fetch
 
@@ -22,11 +22,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 BUCKET = 10
 GRACE = 1.0
+GLOBAL_JS = k6_script("global.js")
 
 
 async def generator(base: str, td: tuple[str, int], non_td: tuple[str, int], run_id: str,
                     summary: Path, env: dict[str, str], *k6_args: str,
-                    script: Path = FIXTURES / "global.js") -> asyncio.subprocess.Process:
+                    script: Path = GLOBAL_JS) -> asyncio.subprocess.Process:
     full = dict(os.environ, BASE=base, PATH=f"{Path(k6_binary()).parent}:{os.environ['PATH']}",
                 **env)
     return await asyncio.create_subprocess_exec(
@@ -169,7 +170,7 @@ async def test_a_malformed_threshold_flag_is_a_clear_error(tmp_path: Path) -> No
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "k6_forward", "--run-id", "flag", "--td", "127.0.0.1:1",
             "--non-td", "127.0.0.1:1", "--threshold", flag, "--", "k6", "run",
-            str(FIXTURES / "global.js"), env=full, stderr=asyncio.subprocess.PIPE,
+            str(GLOBAL_JS), env=full, stderr=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
         out, err = await asyncio.wait_for(process.communicate(), 60)
         assert process.returncode == 2, err.decode()
@@ -209,7 +210,7 @@ async def test_threshold_flags_are_judged_globally_in_the_file_form(dsn: str,
     async with http_target() as base:
         k6 = await asyncio.create_subprocess_exec(
             k6_binary(), "run", "-q", "--no-thresholds", "--out", f"json={raw}",
-            str(FIXTURES / "global.js"), env=dict(os.environ, BASE=base, DUR="4s"),
+            str(GLOBAL_JS), env=dict(os.environ, BASE=base, DUR="4s"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         assert await asyncio.wait_for(k6.wait(), 60) == 0
     durations = np.array(raw_durations(raw))

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import FIXTURES, http_target, k6_binary, server_process
+from common.harness import http_target, k6_binary, k6_script, server_process
 from tests.utils import fetch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -57,7 +57,7 @@ async def test_k6_under_the_forwarder_loses_nothing(dsn: str, tmp_path: Path) ->
     ):
         process = await start_forwarder(base, td.address, non_td.address, "child",
                                         "--summary-export", str(summary), "-e", "DUR=11s",
-                                        str(FIXTURES / "load.js"))
+                                        str(k6_script("load.js")))
         out, err = await asyncio.wait_for(process.communicate(), 120)
         assert await td.stop() == 0
         assert await non_td.stop() == 0
@@ -74,7 +74,7 @@ async def test_k6_under_the_forwarder_loses_nothing(dsn: str, tmp_path: Path) ->
     (row,) = await fetch(dsn, "SELECT * FROM generators WHERE run_id = 'child'")
     read = int(last.split(" samples read")[0].rsplit(" ", 1)[1])
     assert (row["host"], row["k6_version"], row["script"], row["exit_status"],
-            row["samples"]) == (socket.gethostname(), "v1.1.0", str(FIXTURES / "load.js"),
+            row["samples"]) == (socket.gethostname(), "v1.1.0", str(k6_script("load.js")),
                                 0, read)
     assert row["started_at"] < row["first_sample"] < row["last_sample"] < row["ended_at"]
     assert 10 < (row["last_sample"] - row["first_sample"]).total_seconds() < 12
@@ -92,7 +92,7 @@ async def test_sigint_stops_k6_gracefully_and_keeps_its_status(dsn: str,
     ):
         process = await start_forwarder(base, td.address, non_td.address, "interrupted",
                                         "-q", "--summary-export", str(summary), "-e",
-                                        "DUR=60s", str(FIXTURES / "load.js"))
+                                        "DUR=60s", str(k6_script("load.js")))
         await asyncio.sleep(5)
         process.send_signal(signal.SIGINT)  # Ctrl-C, as the terminal would send it
         out, err = await asyncio.wait_for(process.communicate(), 90)

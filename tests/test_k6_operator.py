@@ -43,7 +43,7 @@ import yaml
 
 from common import protocol
 from common.config import ForwarderConfig, NonTdServerConfig, TdServerConfig, load
-from tests.processes import BIN, k6_binary
+from common.harness import BIN, k6_binary
 from tests.utils import fetch, run_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -460,7 +460,7 @@ def test_build_context_holds_the_package_and_the_wrapper() -> None:
     assert not ignored("pyproject.toml")
     assert not ignored("README.md")
     assert not ignored("k6_forward/__main__.py")
-    assert not ignored("common/schema.sql")
+    assert not ignored("common/store/postgres/schema.sql")
     for left_out in ("deploy/k6-operator/testrun.yaml", "deploy/systemd/td-server.service",
                      "tests/test_k6_operator.py", ".git/config", ".venv/bin/k6",
                      "k6_forward/__pycache__/x.pyc"):

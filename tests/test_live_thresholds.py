@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from common import protocol
+from common.harness import k6_binary
 from common.live_thresholds import parse_items
 from k6_forward.child import ChildError
 from k6_forward.thresholds import check_tags, inspect_argv, load, with_no_thresholds
@@ -25,7 +26,6 @@ from td_report.thresholds import (
     parse_duration,
     parse_threshold,
 )
-from tests.processes import k6_binary
 from tests.test_server_db import OLD_BUCKET, counter_item, trend_item
 from tests.utils import Client, fetch, quantile_ok, run_server
 

@@ -240,12 +240,13 @@ def test_choose_database_label() -> None:
 
 
 async def test_replay_watcher_error_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.store import postgres
     from td_replay import verify
 
     async def refuse(dsn: str, **_: Any) -> None:
         raise OSError(f"cannot reach {dsn} ({SECRET})")
 
-    monkeypatch.setattr(verify.asyncpg, "connect", refuse)
+    monkeypatch.setattr(postgres.asyncpg, "create_pool", refuse)
     watcher = verify.Watcher(URL, "run", 0.01)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(watcher.run(), 0.3)

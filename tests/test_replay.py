@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from common.harness import server_process
 from td_replay.recording import Shifter, bucket_offset, load
-from tests.processes import server_process
 
 pytestmark = pytest.mark.timeout(110)
 

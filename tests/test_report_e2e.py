@@ -30,8 +30,8 @@ import asyncpg
 import numpy as np
 import pytest
 
+from common.harness import http_target, k6_pipeline, server_process
 from tests.conftest import create_database
-from tests.processes import http_target, k6_pipeline, server_process
 from tests.rawstream import load_points
 from tests.test_e2e_k6 import quantile_ok
 

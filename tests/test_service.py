@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from common import digest, protocol
+from common.harness import server_process
 from common.protocol import TrendPartial
-from tests.processes import server_process
 from tests.utils import Client, run_server, wait_until
 
 RECENT_BUCKET = (int(time.time()) - 3600) // 10 * 10

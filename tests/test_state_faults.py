@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from common import digest
+from common.harness import ServerProcess, server_process
 from tests.faults import free_port
-from tests.processes import Proc, server_process
 from tests.test_faults import FORWARD_ONE_SECOND, ONE_SECOND, run_forwarder, verify
 from tests.utils import Client, fetch
 
@@ -150,7 +150,7 @@ def fill(path: Path) -> None:
             f.write(bytes(64 * 1024))
 
 
-def metrics_address(proc: Proc) -> tuple[str, int]:
+def metrics_address(proc: ServerProcess) -> tuple[str, int]:
     for line in proc.stderr_lines:
         match = re.search(rb"metrics http://([\d.]+):(\d+)/metrics", line)
         if match:

@@ -3,6 +3,7 @@ chosen by the DSN's scheme."""
 
 from __future__ import annotations
 
+from common.redact import redact_dsn
 from common.store.base import (
     BucketWriter,
     RowsRefused,
@@ -30,12 +31,14 @@ def scheme_of(dsn: str) -> str:
 
 def open_store(dsn: str, label: str | None = None) -> Store:
     """The store a DSN names (not connected yet: call ``open``). ``label`` names it in
-    messages; it must not show a password (common.redact.redact_dsn makes one)."""
+    messages (default: the DSN without its password)."""
     scheme = scheme_of(dsn)
+    if label is None:
+        label = redact_dsn(dsn) if dsn else "from PG* environment variables"
     if scheme in ("postgresql", "postgres"):
         from common.store.postgres import PostgresStore  # noqa: PLC0415 - only when used
 
-        return PostgresStore(dsn, label if label is not None else dsn)
+        return PostgresStore(dsn, label)
     if scheme == "memory":
         from common.store.memory import MemoryStore  # noqa: PLC0415
 

@@ -20,6 +20,7 @@ from common.store.rows import (
     BucketKey,
     Evaluation,
     Extent,
+    Footprint,
     GeneratorInfo,
     MetricTotals,
     Policies,
@@ -208,6 +209,10 @@ class Store(ABC):
 
     @abstractmethod
     async def record_evaluations(self, rows: Sequence[Evaluation]) -> None: ...
+
+    @abstractmethod
+    async def footprint(self) -> Footprint:
+        """Rows of both bucket tables, and their bytes on disk (None if not on disk)."""
 
     @abstractmethod
     def snapshot(self) -> contextlib.AbstractAsyncContextManager[StoreView]:

@@ -168,6 +168,19 @@ class Evaluation:
 
 
 @dataclass(frozen=True, slots=True)
+class Footprint:
+    """What the bucket tables hold: rows, and bytes on disk where the store knows."""
+
+    trend_rows: int
+    counter_rows: int
+    bytes: int | None
+
+    @property
+    def rows(self) -> int:
+        return self.trend_rows + self.counter_rows
+
+
+@dataclass(frozen=True, slots=True)
 class Policies:
     """Optional TimescaleDB policies (ignored by stores without them)."""
 

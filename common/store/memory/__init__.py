@@ -23,6 +23,7 @@ from common.store.rows import (
     CounterRow,
     Evaluation,
     Extent,
+    Footprint,
     GeneratorInfo,
     MetricTotals,
     Policies,
@@ -287,6 +288,10 @@ class MemoryStore(Store):
 
     async def record_evaluations(self, rows: Sequence[Evaluation]) -> None:
         self._db().evaluations.extend(rows)
+
+    async def footprint(self) -> Footprint:
+        db = self._db()
+        return Footprint(len(db.tables[TREND]), len(db.tables[COUNTER]), None)
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[StoreView]:

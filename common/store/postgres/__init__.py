@@ -15,7 +15,7 @@ from common.store.base import BucketWriter, Store, StoreError, StoreUnavailable,
 from common.store.postgres.errors import translate, translated
 from common.store.postgres.reader import PgView
 from common.store.postgres.writer import PgBucketWriter
-from common.store.rows import Evaluation, Policies
+from common.store.rows import Evaluation, Footprint, Policies
 
 if TYPE_CHECKING:
     from common.aggregate import Aggregator
@@ -102,6 +102,19 @@ async def _policies(conn: asyncpg.Connection, policies: Policies) -> None:
                                _interval(policies.compress_after_days))
 
 
+async def create_database(admin_dsn: str, name: str) -> None:
+    """CREATE DATABASE ``name`` (letters, digits and _ only) on the server of
+    ``admin_dsn``: for tests and benchmarks that want a database of their own."""
+    if not name.replace("_", "").isalnum() or not name.isascii():
+        raise ValueError(f"database name {name!r}: letters, digits and _ only")
+    with translated(admin_dsn):
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+
 class PostgresStore(Store):
     """``dsn`` as asyncpg takes it ('' for the PG* variables); ``label`` for messages."""
 
@@ -182,6 +195,21 @@ class PostgresStore(Store):
                     (e.run_id, e.role, e.threshold, e.evaluated_at, e.through, e.final,
                      e.verdict, e.ok, e.decided, e.observed, e.samples, e.rank_low,
                      e.rank_high, e.abort_on_fail, e.note) for e in rows])
+
+    async def footprint(self) -> Footprint:
+        with translated(self.label):
+            async with self._pool().acquire() as conn:
+                counts = [int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+                          for table in HYPERTABLES]
+                timescaledb = await conn.fetchval(
+                    "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'timescaledb')")
+                # A hypertable's rows live in its chunks, which hypertable_size adds up.
+                size_of = "hypertable_size" if timescaledb else "pg_total_relation_size"
+                size = 0
+                for table in HYPERTABLES:
+                    size += int(await conn.fetchval(
+                        f"SELECT {size_of}($1::regclass)", table) or 0)
+        return Footprint(counts[0], counts[1], size)
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[StoreView]:
