@@ -107,3 +107,17 @@ def test_a_server_runs_on_a_memory_store(tmp_path: Path) -> None:
             process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+def test_client_options_are_taken_out_of_the_dsn() -> None:
+    from common.store.postgres import split_client_options  # noqa: PLC0415
+
+    assert split_client_options(
+        "postgresql://u:p@h:5/db?sslmode=disable&statement_cache_size=0&search_path=public"
+    ) == ("postgresql://u:p@h:5/db?sslmode=disable&search_path=public",
+          {"statement_cache_size": 0})
+    assert split_client_options("postgresql://h/db?statement_cache_size=0") == (
+        "postgresql://h/db", {"statement_cache_size": 0})
+    assert split_client_options("host=/tmp dbname=x") == ("host=/tmp dbname=x", {})
+    with pytest.raises(StoreError, match="statement_cache_size='off' in the DSN"):
+        split_client_options("postgresql://h/db?statement_cache_size=off")

@@ -49,6 +49,29 @@ def _seconds(ns: int | None) -> float | None:
     return None if ns is None else ns / 1e9
 
 
+def split_client_options(dsn: str) -> tuple[str, dict[str, Any]]:
+    """(the DSN for asyncpg, client options taken out of its query string).
+
+    ``statement_cache_size=0`` turns asyncpg's prepared-statement cache off, which a
+    connection pooler in transaction mode (PgBouncer) or a shared single backend (PGlite)
+    needs; other query parameters stay, and asyncpg sends unknown ones as server settings
+    (``?search_path=public``)."""
+    if "://" not in dsn or "?" not in dsn:
+        return dsn, {}
+    base, _, query = dsn.partition("?")
+    kept, options = [], {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "statement_cache_size":
+            if not value.isdigit():
+                raise StoreError(f"statement_cache_size={value!r} in the DSN: expected a "
+                                 f"whole number (0 turns the cache off)")
+            options["statement_cache_size"] = int(value)
+        elif pair:
+            kept.append(pair)
+    return base + ("?" + "&".join(kept) if kept else ""), options
+
+
 def _interval(days: float) -> str:
     return f"{days * 86400:g} seconds"
 
@@ -119,7 +142,7 @@ class PostgresStore(Store):
     """``dsn`` as asyncpg takes it ('' for the PG* variables); ``label`` for messages."""
 
     def __init__(self, dsn: str, label: str) -> None:
-        self.dsn = dsn
+        self.dsn, self.options = split_client_options(dsn)
         self.label = label
         self.pool: asyncpg.Pool | None = None
         self.timescaledb = False
@@ -127,7 +150,8 @@ class PostgresStore(Store):
     async def open(self, connections: int = 3) -> None:
         try:
             self.pool = await asyncpg.create_pool(self.dsn or None, min_size=1,
-                                                  max_size=connections, timeout=30)
+                                                  max_size=connections, timeout=30,
+                                                  **self.options)
         except Exception as exc:
             mapped = translate(exc, self.label)
             if isinstance(mapped, StoreError) or isinstance(exc, ValueError):
