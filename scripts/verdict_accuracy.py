@@ -46,7 +46,6 @@ from td_server.aggregator import TrendState
 Floats = npt.NDArray[np.float64]
 Row = tuple[digest.Centroids, int, float, float, int]  # centroids, zeros, min, max, count
 
-RECORDING = Path("/work/shared/k6/k6-mixed.json.gz")
 QUANTILES = (50, 90, 95, 99)
 TOLERANCES = (0.001, 0.003, 0.01, 0.03)
 GENERATORS = (1, 3, 10)
@@ -162,12 +161,13 @@ def judge_run(values: Floats, rows: list[Row], tallies: dict[tuple[float, int], 
                 tally.default_wrong_unflagged += not right and not flagged
 
 
-def real_runs(path: Path) -> dict[str, Floats]:
-    """The recording's trend samples per metric, in arrival order."""
-    if not path.exists():
+def real_runs(path: Path | None) -> dict[str, Floats]:
+    """The recording's trend samples per metric, in arrival order (none without one)."""
+    if path is None:
         return {}
     wanted: dict[str, list[float]] = {m: [] for m in REAL_METRICS}
-    with gzip.open(path, "rb") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
         for line in f:
             obj = orjson.loads(line)
             if obj.get("type") == "Point" and obj["metric"] in wanted:
@@ -175,7 +175,7 @@ def real_runs(path: Path) -> dict[str, Floats]:
     return {f"k6 {m}": np.array(v) for m, v in wanted.items() if len(v) >= 1000}
 
 
-def verdicts(seed: int, samples: int, buckets: int, recording: Path) -> None:
+def verdicts(seed: int, samples: int, buckets: int, recording: Path | None) -> None:
     rng = np.random.default_rng(seed)
     runs = {name: shape(rng, samples) for name, shape in SHAPES.items()}
     real = real_runs(recording)
@@ -195,7 +195,7 @@ def verdicts(seed: int, samples: int, buckets: int, recording: Path) -> None:
                 per_run[name]["wrong"] += tally.default_wrong - old.default_wrong
     seconds = time.perf_counter() - began
     print(f"{len(runs)} runs ({len(SHAPES)} synthetic shapes of {samples} samples"
-          + (f", {len(real)} trends of {recording.name}" if real else "")
+          + (f", {len(real)} trends of {recording.name}" if real and recording else "")
           + f"), {buckets} buckets each, k generators per bucket; {seconds:.0f} s\n")
     print("| within | generators | thresholds | too close to call | decided: right | "
           "decided: wrong | default: right | default: wrong | of them not flagged | "
@@ -342,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="samples per synthetic run (default 20000)")
     parser.add_argument("--buckets", type=int, default=6,
                         help="buckets (stored rows) per run (default 6)")
-    parser.add_argument("--recording", type=Path, default=RECORDING,
-                        help=f"a k6 --out json recording (default {RECORDING}; skipped "
-                             f"when absent)")
+    parser.add_argument("--recording", type=Path, default=None,
+                        help="also the trends of a k6 --out json recording (plain or .gz; "
+                             "k6 run --out json=FILE makes one)")
     parser.add_argument("--bands", action="store_true",
                         help="run the soundness sweep of the bands instead")
     args = parser.parse_args(argv)
