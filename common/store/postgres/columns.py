@@ -17,6 +17,14 @@ WRITTEN = {
             "zeros", "sum_rest"),
     COUNTER: ("metric_type", "value", "count", "nonzero", "min", "max", "state"),
 }
+# The SQL types of the written columns (the bulk load's staging table).
+TYPES = {
+    "count": "bigint", "sum": "float8", "min": "float8", "max": "float8", "mean": "float8",
+    "p50": "float8", "p90": "float8", "p95": "float8", "p99": "float8", "digest": "bytea",
+    "zeros": "bigint", "sum_rest": "float8[]", "metric_type": "text", "value": "float8",
+    "nonzero": "bigint", "state": "text",
+}
+
 # Read back to rebuild a row's values.
 READ = {
     TREND: ("count", "sum", "min", "max", "zeros", "digest", "sum_rest", "p50", "p90", "p95",

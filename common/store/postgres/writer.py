@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 
-from common.store.base import BucketWriter
+from common.store.base import BucketWriter, StoreError
 from common.store.postgres import columns
 from common.store.postgres.errors import translated
 from common.store.rows import BucketKey
@@ -91,6 +91,33 @@ def upsert_sql(table: str, value_columns: Sequence[str]) -> str:
     )
 
 
+# New rows of a batch at least this many go through COPY into a staging table and one
+# INSERT ... SELECT; fewer go through executemany, which costs less to set up.
+BULK_FROM_ROWS = 64
+
+
+def staging_sql(table: str, value_columns: Sequence[str]) -> tuple[str, str, str]:
+    """(the staging table, its CREATE, the INSERT of its rows into ``table``).
+
+    The staging table is the session's own, emptied at every commit. The INSERT skips a
+    row another writer inserted meanwhile (ON CONFLICT DO NOTHING) so that the caller,
+    seeing fewer rows inserted than staged, can retry the batch and merge into that row
+    instead of overwriting it."""
+    staging = f"tdagg_staging_{table}"
+    typed = ", ".join(f"{c} {columns.TYPES[c]}" for c in value_columns)
+    create = (f"CREATE TEMP TABLE IF NOT EXISTS {staging} (bucket bigint, bucket_seconds "
+              f"integer, run_id text, metric text, tags text, {typed}, wal_pos bigint) "
+              f"ON COMMIT DELETE ROWS")
+    values = [f"s.{c}::jsonb" if c == "state" else f"s.{c}" for c in value_columns]
+    insert = (
+        f"INSERT INTO {table} (bucket, bucket_seconds, run_id, metric, tags, tags_hash, "
+        f"{', '.join(value_columns)}, wal_pos) SELECT to_timestamp(s.bucket), "
+        f"s.bucket_seconds, s.run_id, s.metric, s.tags::jsonb, "
+        f"{TAGS_HASH.format('s.tags::jsonb')}, {', '.join(values)}, s.wal_pos "
+        f"FROM {staging} s ON CONFLICT (run_id, metric, bucket, tags_hash) DO NOTHING")
+    return staging, create, insert
+
+
 class PgBucketWriter(BucketWriter):
     def __init__(self, pool: asyncpg.Pool, label: str, aggregator: Aggregator[Any, Any],
                  bucket_seconds: int) -> None:
@@ -104,6 +131,10 @@ class PgBucketWriter(BucketWriter):
                                             lock=True)
         self.select_positions = key_lookup_sql(table, ("wal_pos",), lock=False)
         self._max_position = f"SELECT coalesce(max(wal_pos), 0) FROM {table}"
+        self.staging, self.create_staging, self.insert_staged = staging_sql(
+            table, columns.WRITTEN[self.kind])
+        self.staged_columns = ("bucket", "bucket_seconds", "run_id", "metric", "tags",
+                               *columns.WRITTEN[self.kind], "wal_pos")
 
     async def stored_positions(self, keys: Sequence[BucketKey]) -> dict[BucketKey, int]:
         if not keys:
@@ -147,10 +178,20 @@ class PgBucketWriter(BucketWriter):
                     to_write[key] = merged
                     positions[key] = max(positions[key], row[1])
                     late += 1
-                await conn.executemany(self.upsert, [
-                    (key[3], self.bucket_seconds, key[0], key[1], tag,
-                     *columns.written(agg.values(to_write[key])), positions[key])
-                    for key, tag in zip(keys, arrays[2], strict=True) if key in to_write])
+                stored = {keys[row[0] - 1] for row in stored_rows}
+                rows = [(key[3], self.bucket_seconds, key[0], key[1], tag,
+                         *columns.written(agg.values(to_write[key])), positions[key])
+                        for key, tag in zip(keys, arrays[2], strict=True) if key in to_write]
+                new = [row for row, key in zip(rows, (k for k in keys if k in to_write),
+                                               strict=True) if key not in stored]
+                if len(new) >= BULK_FROM_ROWS:
+                    # Stored rows are locked (FOR UPDATE above): their upserts are updates.
+                    await conn.executemany(self.upsert, [
+                        row for row, key in zip(rows, (k for k in keys if k in to_write),
+                                                strict=True) if key in stored])
+                    await self._insert_new(conn, new)
+                else:
+                    await conn.executemany(self.upsert, rows)
         finally:
             try:
                 await self.pool.release(conn)
@@ -158,3 +199,16 @@ class PgBucketWriter(BucketWriter):
                 log.warning("could not return a database connection to the pool: %r", exc)
                 conn.terminate()
         return late
+
+    async def _insert_new(self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+        """COPY rows no stored row had into the staging table, then one INSERT."""
+        await conn.execute(self.create_staging)
+        await conn.copy_records_to_table(self.staging, records=rows,
+                                         columns=self.staged_columns)
+        status = await conn.execute(self.insert_staged)
+        inserted = int(status.rsplit(" ", 1)[-1])
+        if inserted != len(rows):
+            # Another writer inserted some of these rows since the lookup: roll back, and
+            # let the retry merge into them (never overwrite what it wrote).
+            raise StoreError(f"database {self.label}: {len(rows) - inserted} of {len(rows)} "
+                             f"new rows were inserted by another writer meanwhile; retrying")
