@@ -36,7 +36,7 @@ from tests.conftest import create_database
 from tests.test_server_db import OLD_BUCKET, counter_item, trend_item
 from tests.utils import Client, quantile_ok, run_server, wait_until
 
-BACKENDS = ["memory", "postgresql", "timescaledb"]
+BACKENDS = ["memory", "postgresql", "timescaledb", "clickhouse", "chdb"]
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 TAGS = (("name", "a"),)
 
@@ -50,6 +50,10 @@ async def store_dsn(request: pytest.FixtureRequest) -> AsyncIterator[str]:
         forget(name.removeprefix("memory://"))
     elif request.param == "postgresql":
         yield await create_database(request.getfixturevalue("pg_server"))
+    elif request.param in ("clickhouse", "chdb"):
+        from tests import clickhouse_server  # noqa: PLC0415
+
+        yield clickhouse_server.fresh_dsn(request.param)
     else:
         from tests.timescaledb_server import timescaledb  # noqa: PLC0415
 

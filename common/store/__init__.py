@@ -20,7 +20,7 @@ __all__ = ["BucketKey", "BucketWriter", "Policies", "RowsRefused", "SchemaMissin
            "StoreError", "StoreUnavailable", "StoreView", "SCHEMES", "is_permanent",
            "open_store", "scheme_of"]
 
-SCHEMES = ("postgresql://", "postgres://", "memory://")
+SCHEMES = ("postgresql://", "postgres://", "memory://", "clickhouse://", "chdb://")
 
 
 def scheme_of(dsn: str) -> str:
@@ -43,5 +43,9 @@ def open_store(dsn: str, label: str | None = None) -> Store:
         from common.store.memory import MemoryStore  # noqa: PLC0415
 
         return MemoryStore(dsn.partition("://")[2].strip("/"))
+    if scheme in ("clickhouse", "chdb"):
+        from common.store.clickhouse import ClickHouseStore  # noqa: PLC0415
+
+        return ClickHouseStore(dsn, label)
     raise StoreError(f"unknown database scheme {scheme + '://'!r}: expected one of "
                      f"{', '.join(SCHEMES)}")
