@@ -30,8 +30,9 @@ database selection:
   PGSERVICE is set), else an embedded PostgreSQL in DATA_DIR/pgdata that both servers
   start or reuse (needs the 'embedded' extra). A DSN's scheme picks the store:
   postgresql:// or postgres:// (PostgreSQL, or TimescaleDB: the tables become
-  hypertables, with --retention-days and --compress-after-days as policies), or
-  memory://NAME (in this process only, gone at exit: to try the pipeline).
+  hypertables, with --retention-days and --compress-after-days as policies),
+  clickhouse://USER:PASSWORD@HOST:9000/DB (ClickHouse), chdb://PATH (ClickHouse in this
+  process), or memory://NAME (in this process only, gone at exit: to try the pipeline).
 
 On SIGTERM or SIGINT the server stops accepting, writes every open bucket and exits 0.
 """

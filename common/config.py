@@ -132,7 +132,8 @@ class ServerConfig:
     dsn: str | None = _field(
         None, _optional_text,
         "where rows are stored: postgresql:// or postgres:// (PostgreSQL or TimescaleDB), "
-        "or memory://NAME (in this process only, gone at exit: for trials); without one, "
+        "clickhouse:// or chdb://PATH (ClickHouse), or memory://NAME (in this process "
+        "only, gone at exit: for trials); without one, "
         "PG* variables if PGHOST or PGDATABASE is set, else the embedded PostgreSQL in "
         "DATA_DIR/pgdata", "DSN")
     data_dir: Path = _field(
