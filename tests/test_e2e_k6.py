@@ -1,4 +1,6 @@
-"""End to end: the real k6 binary -> k6-forward -> td_server / non_td_server -> PostgreSQL.
+"""End to end: the real k6 binary -> k6-forward -> td_server / non_td_server processes ->
+PostgreSQL, and the row-by-row check of a run against k6's raw streams that the store
+conformance suite runs on every backend (two generators, tests/test_store_conformance.py).
 
 Expected figures come from the raw JSON that ``tee`` saved, never from the pipeline.
 """
@@ -46,16 +48,6 @@ async def run_pipeline(dsn: str, tmp_path: Path, generators: int, run_id: str,
         assert await td.stop() == 0, b"".join(td.stderr_lines).decode()
         assert await non_td.stop() == 0, b"".join(non_td.stderr_lines).decode()
     return raws
-
-
-async def test_two_generators_accurate_and_exact(dsn: str, tmp_path: Path) -> None:
-    raws = await run_pipeline(dsn, tmp_path, 2, "two-gen", "22s")
-    store = open_store(dsn)
-    await store.open(connections=1)
-    try:
-        await check_two_generators(store, "two-gen", raws)
-    finally:
-        await store.close()
 
 
 async def check_two_generators(store: Store, run_id: str, raws: list[Path]) -> None:
