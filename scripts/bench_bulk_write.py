@@ -1,6 +1,6 @@
 """New rows per second that one PostgreSQL takes from a server's batch write, by batch
-size: the bulk path (COPY into a staging table, one INSERT ... SELECT) against the
-executemany of one upsert per row, taking turns in the same run.
+size: the writer's one INSERT ... SELECT FROM unnest(column arrays) against an
+executemany of one upsert per row (the writer before it), taking turns in the same run.
 
 Every row holds a realistic http_req_duration sketch (lognormal latencies, a few hundred
 buckets, about 2-3 KB). Needs the `embedded` extra (a PostgreSQL of its own, removed at
@@ -25,11 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import digest  # noqa: E402
 from common.aggregate import BucketKey, Entry  # noqa: E402
 from common.harness import temporary_postgres  # noqa: E402
-from common.store.postgres import PostgresStore, writer  # noqa: E402
+from common.store.postgres import PostgresStore  # noqa: E402
+from common.store.postgres.writer import PgBucketWriter  # noqa: E402
 from td_server.aggregator import TrendAggregator, TrendState  # noqa: E402
 
 RUN = "bench-bulk"
 WIDTH = 10
+
+
+class UpsertEach(PgBucketWriter):
+    """The same writer, its new rows sent as one upsert each (executemany)."""
+
+    async def _insert_new(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        await conn.executemany(self.upsert, rows)
 
 
 def sketch() -> tuple[digest.Centroids, int]:
@@ -50,32 +58,32 @@ async def measure(sizes: list[int], repeat: int) -> list[str]:
     centroids, blob_bytes = sketch()
     lines = [f"Rows of {len(centroids)} sketch buckets ({blob_bytes:,} bytes of digest) each; "
              f"median of {repeat} runs, the two ways taking turns.", "",
-             "| new rows per batch | executemany upserts (rows/s) | COPY + one INSERT "
+             "| new rows per batch | executemany upserts (rows/s) | one INSERT of arrays "
              "(rows/s) | ratio |", "|---:|---:|---:|---:|"]
     with temporary_postgres("tdagg-bench-bulk-") as postgres:
         store = PostgresStore(await postgres.create_database("bulk"), "bench")
         await store.open(connections=1)
         await store.ensure_schema()
-        bulk_from = writer.BULK_FROM_ROWS
         bucket = 1_700_000_000
         try:
             for size in sizes:
-                rates: dict[str, list[float]] = {"executemany": [], "copy": []}
+                rates: dict[str, list[float]] = {"executemany": [], "arrays": []}
                 for attempt in range(repeat):
-                    ways = ["executemany", "copy"]
+                    ways = ["executemany", "arrays"]
                     for way in ways if attempt % 2 == 0 else reversed(ways):
-                        writer.BULK_FROM_ROWS = bulk_from if way == "copy" else 1 << 62
+                        assert store.pool is not None
+                        kind = PgBucketWriter if way == "arrays" else UpsertEach
+                        write = kind(store.pool, "bench", TrendAggregator(), WIDTH).write
                         bucket += WIDTH
                         entries = batch(size, bucket, centroids)
                         started = time.perf_counter()
-                        late = await store.writer(TrendAggregator(), WIDTH).write(entries)
+                        late = await write(entries)
                         rates[way].append(size / (time.perf_counter() - started))
                         assert late == 0
-                slow, fast = (statistics.median(rates[w]) for w in ("executemany", "copy"))
+                slow, fast = (statistics.median(rates[w]) for w in ("executemany", "arrays"))
                 lines.append(f"| {size:,} | {slow:,.0f} | {fast:,.0f} | {fast / slow:.2f}× |")
                 print(lines[-1], file=sys.stderr, flush=True)
         finally:
-            writer.BULK_FROM_ROWS = bulk_from
             await store.close()
     return lines
 

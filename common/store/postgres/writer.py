@@ -91,31 +91,35 @@ def upsert_sql(table: str, value_columns: Sequence[str]) -> str:
     )
 
 
-# New rows of a batch at least this many go through COPY into a staging table and one
-# INSERT ... SELECT; fewer go through executemany, which costs less to set up.
-BULK_FROM_ROWS = 64
+def insert_new_sql(table: str, value_columns: Sequence[str]) -> str:
+    """Insert a batch of new rows in one statement, each column as one array parameter
+    ($1 bucket starts, $2 widths, $3 run ids, $4 metrics, $5 tags as JSON text, then the
+    value columns and the log positions).
+
+    A row another writer inserted since the lookup is skipped (ON CONFLICT DO NOTHING),
+    never overwritten: the caller, seeing fewer rows inserted than sent, retries the
+    batch, which then merges into that row. A row's sum_rest goes as the text of a
+    float8[] (arrays of arrays must be rectangular)."""
+    names = ("bucket", "bucket_seconds", "run_id", "metric", "tags", *value_columns,
+             "wal_pos")
+    types = ["bigint", "integer", "text", "text", "text",
+             *("text" if c in ("sum_rest", "state") else columns.TYPES[c]
+               for c in value_columns), "bigint"]
+    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
+    values = ["to_timestamp(n.bucket)", "n.bucket_seconds", "n.run_id", "n.metric",
+              "n.tags::jsonb", TAGS_HASH.format("n.tags::jsonb")]
+    for c in value_columns:
+        values.append({"state": "n.state::jsonb", "sum_rest": "n.sum_rest::float8[]"}.get(
+            c, f"n.{c}"))
+    values.append("n.wal_pos")
+    return (f"INSERT INTO {table} (bucket, bucket_seconds, run_id, metric, tags, tags_hash, "
+            f"{', '.join(value_columns)}, wal_pos) SELECT {', '.join(values)} "
+            f"FROM unnest({arrays}) AS n({', '.join(names)}) "
+            f"ON CONFLICT (run_id, metric, bucket, tags_hash) DO NOTHING")
 
 
-def staging_sql(table: str, value_columns: Sequence[str]) -> tuple[str, str, str]:
-    """(the staging table, its CREATE, the INSERT of its rows into ``table``).
-
-    The staging table is the session's own, emptied at every commit. The INSERT skips a
-    row another writer inserted meanwhile (ON CONFLICT DO NOTHING) so that the caller,
-    seeing fewer rows inserted than staged, can retry the batch and merge into that row
-    instead of overwriting it."""
-    staging = f"tdagg_staging_{table}"
-    typed = ", ".join(f"{c} {columns.TYPES[c]}" for c in value_columns)
-    create = (f"CREATE TEMP TABLE IF NOT EXISTS {staging} (bucket bigint, bucket_seconds "
-              f"integer, run_id text, metric text, tags text, {typed}, wal_pos bigint) "
-              f"ON COMMIT DELETE ROWS")
-    values = [f"s.{c}::jsonb" if c == "state" else f"s.{c}" for c in value_columns]
-    insert = (
-        f"INSERT INTO {table} (bucket, bucket_seconds, run_id, metric, tags, tags_hash, "
-        f"{', '.join(value_columns)}, wal_pos) SELECT to_timestamp(s.bucket), "
-        f"s.bucket_seconds, s.run_id, s.metric, s.tags::jsonb, "
-        f"{TAGS_HASH.format('s.tags::jsonb')}, {', '.join(values)}, s.wal_pos "
-        f"FROM {staging} s ON CONFLICT (run_id, metric, bucket, tags_hash) DO NOTHING")
-    return staging, create, insert
+def _float8_array_text(values: Sequence[float] | None) -> str | None:
+    return None if not values else "{" + ",".join(repr(float(v)) for v in values) + "}"
 
 
 class PgBucketWriter(BucketWriter):
@@ -131,10 +135,9 @@ class PgBucketWriter(BucketWriter):
                                             lock=True)
         self.select_positions = key_lookup_sql(table, ("wal_pos",), lock=False)
         self._max_position = f"SELECT coalesce(max(wal_pos), 0) FROM {table}"
-        self.staging, self.create_staging, self.insert_staged = staging_sql(
-            table, columns.WRITTEN[self.kind])
-        self.staged_columns = ("bucket", "bucket_seconds", "run_id", "metric", "tags",
-                               *columns.WRITTEN[self.kind], "wal_pos")
+        self.insert_new = insert_new_sql(table, columns.WRITTEN[self.kind])
+        self.sum_rest_at = (5 + columns.WRITTEN[self.kind].index("sum_rest")
+                            if "sum_rest" in columns.WRITTEN[self.kind] else None)
 
     async def stored_positions(self, keys: Sequence[BucketKey]) -> dict[BucketKey, int]:
         if not keys:
@@ -179,19 +182,18 @@ class PgBucketWriter(BucketWriter):
                     positions[key] = max(positions[key], row[1])
                     late += 1
                 stored = {keys[row[0] - 1] for row in stored_rows}
-                rows = [(key[3], self.bucket_seconds, key[0], key[1], tag,
-                         *columns.written(agg.values(to_write[key])), positions[key])
-                        for key, tag in zip(keys, arrays[2], strict=True) if key in to_write]
-                new = [row for row, key in zip(rows, (k for k in keys if k in to_write),
-                                               strict=True) if key not in stored]
-                if len(new) >= BULK_FROM_ROWS:
-                    # Stored rows are locked (FOR UPDATE above): their upserts are updates.
-                    await conn.executemany(self.upsert, [
-                        row for row, key in zip(rows, (k for k in keys if k in to_write),
-                                                strict=True) if key in stored])
+                new: list[tuple[Any, ...]] = []
+                updated: list[tuple[Any, ...]] = []
+                for key, tag in zip(keys, arrays[2], strict=True):
+                    if key in to_write:
+                        row = (key[3], self.bucket_seconds, key[0], key[1], tag,
+                               *columns.written(agg.values(to_write[key])), positions[key])
+                        (updated if key in stored else new).append(row)
+                # Stored rows are locked (FOR UPDATE above): their upserts are updates.
+                if updated:
+                    await conn.executemany(self.upsert, updated)
+                if new:
                     await self._insert_new(conn, new)
-                else:
-                    await conn.executemany(self.upsert, rows)
         finally:
             try:
                 await self.pool.release(conn)
@@ -201,11 +203,11 @@ class PgBucketWriter(BucketWriter):
         return late
 
     async def _insert_new(self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
-        """COPY rows no stored row had into the staging table, then one INSERT."""
-        await conn.execute(self.create_staging)
-        await conn.copy_records_to_table(self.staging, records=rows,
-                                         columns=self.staged_columns)
-        status = await conn.execute(self.insert_staged)
+        """Rows no stored row had, in one INSERT of column arrays."""
+        if self.sum_rest_at is not None:
+            at = self.sum_rest_at
+            rows = [(*row[:at], _float8_array_text(row[at]), *row[at + 1:]) for row in rows]
+        status = await conn.execute(self.insert_new, *(list(c) for c in zip(*rows, strict=True)))
         inserted = int(status.rsplit(" ", 1)[-1])
         if inserted != len(rows):
             # Another writer inserted some of these rows since the lookup: roll back, and
