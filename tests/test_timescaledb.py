@@ -121,6 +121,52 @@ async def test_schema_makes_hypertables() -> None:
         assert store.timescaledb is True
 
 
+async def test_retention_and_compression_policies() -> None:
+    """The optional policies become TimescaleDB jobs on both tables; setting them again
+    replaces them; late data still reaches a compressed chunk."""
+    from common.aggregate import Entry  # noqa: PLC0415
+    from common.store.rows import Policies  # noqa: PLC0415
+
+    async with timescaledb() as dsn, store_on(dsn) as store:
+        await store.ensure_schema(Policies(retention_days=30, compress_after_days=2))
+        await store.ensure_schema(Policies(retention_days=14, compress_after_days=1.5))
+        async with store.pool.acquire() as conn:
+            jobs = sorted((r[0], r[1], r[2]) for r in await conn.fetch(
+                "SELECT proc_name, hypertable_name, coalesce(config->>'drop_after', "
+                "config->>'compress_after') FROM timescaledb_information.jobs "
+                "WHERE hypertable_name IS NOT NULL"))
+        assert jobs == sorted(
+            [("policy_retention", t, "14 days") for t in ("trend_buckets", "counter_buckets")]
+            + [("policy_compression", t, "1 day 12:00:00")
+               for t in ("trend_buckets", "counter_buckets")]), jobs
+
+        # A row in a chunk that is then compressed, and late data merged into it.
+        aggregator = TrendAggregator()
+        writer = store.writer(aggregator, 10)
+        key = ("old-run", "http_req_duration", (("name", "a"),), 1_600_000_000)
+        first = aggregator.new_state(_partial(np.arange(1.0, 101.0)), "p")
+        assert await writer.write({key: Entry(first, 0, 1)}) == 0
+        async with store.pool.acquire() as conn:
+            compressed = await conn.fetch(
+                "SELECT compress_chunk(c) FROM show_chunks('trend_buckets') AS c")
+        assert len(compressed) == 1
+        late = aggregator.new_state(_partial(np.arange(101.0, 151.0)), "q")
+        assert await writer.write({key: Entry(late, 0, 2)}) == 1
+        async with store.snapshot() as view:
+            (row,) = [r async for r in view.rows("trend", "old-run", None, None, {})]
+        assert row.values.count == 150
+        assert row.values.max == 150.0
+
+
+def _partial(values: np.ndarray) -> Any:
+    from common import digest  # noqa: PLC0415
+    from common.protocol import TrendPartial  # noqa: PLC0415
+
+    return TrendPartial("http_req_duration", (("name", "a"),), 1_600_000_000, 10,
+                        len(values), float(values.sum()), float(values.min()),
+                        float(values.max()), digest.from_values(values))
+
+
 async def test_large_batches_pass() -> None:
     """A batch larger than one socket read (64 KiB), as a bucket write of many series is:
     pglite-socket 0.0.20 handed PGlite the first read's part of a message, and PGlite

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
@@ -72,8 +73,8 @@ def split_client_options(dsn: str) -> tuple[str, dict[str, Any]]:
     return base + ("?" + "&".join(kept) if kept else ""), options
 
 
-def _interval(days: float) -> str:
-    return f"{days * 86400:g} seconds"
+def _interval(days: float) -> datetime.timedelta:
+    return datetime.timedelta(days=days)
 
 
 async def create_schema(conn: asyncpg.Connection, policies: Policies | None = None,

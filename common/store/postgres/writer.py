@@ -155,7 +155,28 @@ class PgBucketWriter(BucketWriter):
 
     async def write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:
         with translated(self.label):
-            return await self._write(entries)
+            try:
+                return await self._write(entries)
+            except asyncpg.exceptions.FeatureNotSupportedError as exc:
+                # TimescaleDB cannot lock rows in a compressed chunk: late data for one
+                # decompresses it (its compression policy compresses it again later).
+                if "compressed" not in str(exc):
+                    raise
+                await self._decompress([key[3] for key in entries])
+                return await self._write(entries)
+
+    async def _decompress(self, buckets: Sequence[int]) -> None:
+        async with self.pool.acquire() as conn:
+            chunks = await conn.fetch(
+                "SELECT format('%I.%I', chunk_schema, chunk_name) FROM "
+                "timescaledb_information.chunks WHERE hypertable_name = $1 AND is_compressed "
+                "AND range_end > to_timestamp($2) AND range_start <= to_timestamp($3)",
+                columns.TABLES[self.kind], min(buckets), max(buckets))
+            for (chunk,) in chunks:
+                log.warning("late data for %s: decompressing %s", columns.TABLES[self.kind],
+                            chunk)
+                await conn.execute("SELECT decompress_chunk($1::regclass, if_compressed => TRUE)",
+                                   chunk)
 
     async def _write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:
         keys = list(entries)
