@@ -214,15 +214,17 @@ def outside(centroids: Centroids, lo: float, hi: float) -> bool:
 
 
 def quantiles(
-    centroids: Centroids, qs: Sequence[float], lo: float, hi: float, zeros: int = 0
+    centroids: Centroids, qs: Sequence[float], lo: float, hi: float, zeros: int = 0,
+    known_sketch: bool = False,
 ) -> list[float]:
     """Quantiles of a digest plus ``zeros`` exact zeros, clamped to the exact min and max.
 
     ``centroids`` may be several digests stacked (see ``stack``); they are read as one.
+    ``known_sketch``: the caller made them with ``merge`` (no legacy check needed).
     """
     if len(centroids) == 0:
         return [0.0 if zeros else float("nan")] * len(qs)
-    if not is_sketch(centroids):
+    if not known_sketch and not is_sketch(centroids):
         return _legacy_quantiles(centroids, qs, lo, hi, zeros)
     values = centroids[:, 0]
     weights = centroids[:, 1]
@@ -357,12 +359,12 @@ class _Curve:
         return rank / (self.weight - 1.0)
 
 
-def encode(centroids: Centroids) -> bytes:
+def encode(centroids: Centroids, known_sketch: bool = False) -> bytes:
     """A sketch in its compact form; a legacy digest (t-digest centroids) is bucketed
-    first."""
+    first (``known_sketch``: the caller made it with ``merge``, no check needed)."""
     if len(centroids) == 0:
         return b""
-    if not is_sketch(centroids):
+    if not known_sketch and not is_sketch(centroids):
         centroids = merge([centroids])
     values = centroids[:, 0]
     weights = np.rint(centroids[:, 1])

@@ -91,8 +91,9 @@ class TrendAggregator:
         merged = digest.merge(state.parts)
         state.parts = [merged]
         state.held = len(merged)
+        # merge returns a sketch: neither reader checks for a legacy digest again.
         p50, p90, p95, p99 = digest.quantiles(merged, QUANTILES, state.lo, state.hi,
-                                              state.zeros)
+                                              state.zeros, known_sketch=True)
         total, *rest = state.sum.expansion()
         return TrendRow(state.count, total, state.lo, state.hi, state.zeros,
-                        digest.encode(merged), tuple(rest), p50, p90, p95, p99)
+                        digest.encode(merged, known_sketch=True), tuple(rest), p50, p90, p95, p99)
