@@ -323,6 +323,31 @@ async def test_merged_percentiles_meet_the_accuracy_criterion(store_dsn: str,
     everything = np.concatenate(parts)
     async with opened(store_dsn) as store:
         report = await build(store, Selection(run_id="run", quantiles=QUANTILES))
+        async with store.snapshot() as view:
+            whole = await view.merged_trends("run", "http_req_duration", None, None, {})
+            per_bucket = await view.merged_trends("run", "http_req_duration", None, None,
+                                                  {"name": "a"}, per_seconds=10)
+            per_minute = await view.merged_trends("run", "http_req_duration", None, None,
+                                                  {}, per_seconds=60)
+            none = await view.merged_trends("run", "http_req_duration", None, None,
+                                            {"name": "b"})
+    # Merged digests of a window and a tag filter, as the store reads them.
+    assert none == []
+    (group,) = whole
+    assert (group.start, group.count, group.zeros) == (OLD_BUCKET - 20, len(everything), 0)
+    assert (group.min, group.max) == (everything.min(), everything.max())
+    for q, estimate in zip(QUANTILES, group.quantiles(QUANTILES), strict=True):
+        assert quantile_ok(everything, q, estimate), (q, estimate)
+    assert [g.start for g in per_bucket] == [OLD_BUCKET - 20, OLD_BUCKET - 10, OLD_BUCKET]
+    for g in per_bucket:
+        raw = np.concatenate([p for i, p in enumerate(parts)
+                              if OLD_BUCKET - 10 * (i % 3) == g.start])
+        assert g.count == len(raw)
+        assert all(quantile_ok(raw, q, v) for q, v in zip(
+            QUANTILES, g.quantiles(QUANTILES), strict=True))
+    minutes = {b // 60 * 60 for b in (OLD_BUCKET - 20, OLD_BUCKET - 10, OLD_BUCKET)}
+    assert [g.start for g in per_minute] == sorted(minutes)
+    assert sum(g.count for g in per_minute) == len(everything)
     trend = report.metrics["http_req_duration"].trend
     assert trend is not None
     for q, estimate in zip(QUANTILES, trend.quantiles(QUANTILES), strict=True):

@@ -17,16 +17,19 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from common.store.rows import (
+    TREND,
     BucketKey,
     Evaluation,
     Extent,
     Footprint,
     GeneratorInfo,
+    MergedTrend,
     MetricTotals,
     Policies,
     RunInfo,
     Series,
     StoredRow,
+    TrendRow,
 )
 
 if TYPE_CHECKING:
@@ -153,6 +156,25 @@ class StoreView(ABC):
         """The run's rows of one table (rows.TREND or rows.COUNTER) overlapping
         [start, end) whose tags include ``where``, ordered by metric then bucket; only
         of ``metrics`` when given."""
+
+    async def merged_trends(self, run_id: str, metric: str, start: datetime | None,
+                            end: datetime | None, where: Mapping[str, str],
+                            per_seconds: int | None = None) -> list[MergedTrend]:
+        """The metric's trend rows overlapping [start, end) whose tags include ``where``,
+        merged over every tag set: one group for the whole window, or one per
+        ``per_seconds`` (groups start at multiples of it), in time order."""
+        groups: dict[float, list[TrendRow]] = {}
+        first = float("inf")
+        async for row in self.rows(TREND, run_id, start, end, where, [metric]):
+            if isinstance(row.values, TrendRow):
+                first = min(first, row.bucket)
+                at = 0.0 if per_seconds is None else row.bucket // per_seconds * per_seconds
+                groups.setdefault(at, []).append(row.values)
+        return [MergedTrend(first if per_seconds is None else at,
+                            sum(v.count for v in values), min(v.min for v in values),
+                            max(v.max for v in values), sum(v.zeros for v in values),
+                            tuple(v.digest for v in values))
+                for at, values in sorted(groups.items())]
 
     @abstractmethod
     async def row_keys(self, run_id: str) -> set[tuple[str, int]]:

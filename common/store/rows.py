@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+
+from common import digest
 
 # (run_id, metric, sorted tag pairs, bucket start in epoch seconds)
 BucketKey = tuple[str, str, tuple[tuple[str, str], ...], int]
@@ -72,6 +75,24 @@ class StoredRow:
     @property
     def kind(self) -> str:
         return "trend" if isinstance(self.values, TrendRow) else self.values.metric_type
+
+
+@dataclass(frozen=True, slots=True)
+class MergedTrend:
+    """Every trend row of a group (a window, or one period of it) read as one: exact
+    count, min, max and zeros, and the rows' sketches, which read together give the
+    group's percentiles (no averaging)."""
+
+    start: float  # the group's start, epoch seconds
+    count: int
+    min: float
+    max: float
+    zeros: int
+    digests: tuple[bytes, ...]
+
+    def quantiles(self, qs: Sequence[float]) -> list[float]:
+        stacked = digest.stack([digest.decode(blob) for blob in self.digests])
+        return digest.quantiles(stacked, qs, self.min, self.max, self.zeros)
 
 
 @dataclass(frozen=True, slots=True)

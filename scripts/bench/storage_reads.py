@@ -10,7 +10,6 @@ from typing import Any
 
 from common.store import Store, open_store
 from common.store.rows import TREND, Footprint, StoredRow, TrendRow
-from td_report.summary import TrendAccumulator
 
 Series = list[tuple[dt.datetime, float]]  # (bucket start, value) in bucket order
 
@@ -62,18 +61,15 @@ class TdaggReads:
     async def stored_p95(self, metric: str, tags: dict[str, Any]) -> Series:
         """One series' p95 per bucket: the stored figure."""
         series = []
-        for row in await self._rows(metric):
-            if row.tags == tags and isinstance(row.values, TrendRow):
-                assert row.values.p95 is not None
-                series.append((_utc(row.bucket), row.values.p95))
+        async with self.store.snapshot() as view:
+            async for row in view.rows(TREND, self.run_id, None, None, tags, [metric]):
+                if row.tags == tags and isinstance(row.values, TrendRow):
+                    assert row.values.p95 is not None
+                    series.append((_utc(row.bucket), row.values.p95))
         return series
 
-    async def merged_p95(self, metric: str) -> Series:
-        """p95 per bucket over every tag set, each bucket's sketches merged as td-report
-        merges them."""
-        buckets: dict[float, TrendAccumulator] = {}
-        for row in await self._rows(metric):
-            if isinstance(row.values, TrendRow):
-                buckets.setdefault(row.bucket, TrendAccumulator()).add_row(row.values)
-        return [(_utc(bucket), acc.quantiles([0.95])[0])
-                for bucket, acc in sorted(buckets.items())]
+    async def merged_p95(self, metric: str, width: int = 10) -> Series:
+        """p95 per bucket over every tag set: each bucket's sketches read together."""
+        async with self.store.snapshot() as view:
+            groups = await view.merged_trends(self.run_id, metric, None, None, {}, width)
+        return [(_utc(group.start), group.quantiles([0.95])[0]) for group in groups]

@@ -17,6 +17,7 @@ from common.store.rows import (
     Evaluation,
     Extent,
     GeneratorInfo,
+    MergedTrend,
     MetricTotals,
     RunInfo,
     Series,
@@ -188,6 +189,28 @@ class PgView(StoreView):
                 if tags is None:
                     tags = tag_cache[text] = orjson.loads(text)
                 yield StoredRow(row[0], tags, row[2], row[3], read(*tuple(row)[4:]))
+
+    async def merged_trends(self, run_id: str, metric: str, start: datetime | None,
+                            end: datetime | None, where: Mapping[str, str],
+                            per_seconds: int | None = None) -> list[MergedTrend]:
+        """One grouped query: each group's digests gathered by PostgreSQL."""
+        condition, args = _conditions(run_id, start, end, where)
+        args.append(metric)
+        condition += f" AND metric = ${len(args)}"
+        epoch = "extract(epoch FROM bucket)::float8"
+        if per_seconds is None:
+            group, at = "", f"min({epoch})"
+        else:
+            args.append(float(per_seconds))
+            at = f"floor({epoch} / ${len(args)}) * ${len(args)}"
+            group = " GROUP BY 1 ORDER BY 1"
+        sql = (f"SELECT {at}, sum(count)::bigint, min(min), max(max), sum(zeros)::bigint, "
+               f"array_agg(digest) FROM trend_buckets WHERE {condition}{group}")
+        with translated(self.label):
+            rows = await self.conn.fetch(sql, *args)
+        return [MergedTrend(float(r[0]), int(r[1]), r[2], r[3], int(r[4]),
+                            tuple(bytes(b) for b in r[5]))
+                for r in rows if r[0] is not None]
 
     async def row_keys(self, run_id: str) -> set[tuple[str, int]]:
         with translated(self.label):
