@@ -93,10 +93,13 @@ def test_a_server_runs_on_a_memory_store(tmp_path: Path) -> None:
         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         assert process.stderr is not None
+        said_before = ""
         line = process.stderr.readline()
         while line and "ready" not in line:
+            said_before += line
             line = process.stderr.readline()
         assert "database memory://trial" in line, line
+        assert "gone when it exits" in said_before, said_before
         process.terminate()
         assert process.wait(timeout=30) == 0
         said = process.stderr.read()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,7 @@ class MemoryDatabase:
 
 
 _DATABASES: dict[str, MemoryDatabase] = {}
+log = logging.getLogger("tdagg.store")
 
 
 def database(name: str) -> MemoryDatabase:
@@ -254,7 +256,11 @@ class MemoryStore(Store):
         return self.db
 
     async def ensure_schema(self, policies: Policies | None = None) -> None:
-        self._db().schema = True  # retention and compression are TimescaleDB's
+        db = self._db()
+        if not db.schema:
+            log.warning("%s keeps every row in this process only: they are gone when it "
+                        "exits (pass --dsn postgresql://... to keep them)", self.label)
+        db.schema = True  # retention and compression are TimescaleDB's
 
     async def ping(self) -> None:
         self._db()
