@@ -310,9 +310,11 @@ def test_http_reqs_rate_agrees_with_k6(data: Data) -> None:
     assert ours["total"] == k6["count"]
     first, last = expected_span(data, SOLO)
     assert ours["rate"] == pytest.approx(k6["count"] / (last - first), rel=1e-9)
-    # k6's duration also holds the time before the first and after the last sample.
-    assert ours["rate"] == pytest.approx(k6["rate"], rel=0.01)
+    # k6's duration also holds the time before the first and after the last sample: ours
+    # is never lower (the bucket extent read 6 % low), and higher by k6's start and stop,
+    # which a loaded machine stretches (1.13 % seen once in CI).
     assert ours["rate"] >= k6["rate"] * 0.999
+    assert ours["rate"] <= k6["rate"] * 1.03
 
 
 @pytest.mark.parametrize("run", [SOLO, MULTI])
