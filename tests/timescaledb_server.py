@@ -69,6 +69,7 @@ async def timescaledb(start_timeout: float = START_TIMEOUT) -> AsyncIterator[str
     assert process.stdout is not None
     assert process.stderr is not None
     stderr = asyncio.create_task(process.stderr.read())
+    stdout: asyncio.Task[bytes] | None = None
     failed = False
     try:
         try:
@@ -81,6 +82,9 @@ async def timescaledb(start_timeout: float = START_TIMEOUT) -> AsyncIterator[str
             raise ServerDied(f"TimescaleDB (PGlite) did not start: stdout {line!r}, "
                              f"exit status {process.returncode}, stderr:\n"
                              f"{(await stderr).decode(errors='replace')}")
+        # Whatever PGlite prints later is drained: a full pipe would block the server
+        # (node writes to a pipe synchronously).
+        stdout = asyncio.create_task(process.stdout.read())
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable"
     except BaseException:
         failed = True
@@ -94,13 +98,25 @@ async def timescaledb(start_timeout: float = START_TIMEOUT) -> AsyncIterator[str
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        said = (await stderr).decode(errors="replace")
+        said = (await _bounded(stderr)).decode(errors="replace")
+        if stdout is not None:
+            said += (await _bounded(stdout)).decode(errors="replace")
         if failed and said.strip():
             print(f"TimescaleDB (PGlite) stderr (exit status {process.returncode}):\n{said}")
         elif not failed and (died is not None or process.returncode != 0):
             raise ServerDied(f"TimescaleDB (PGlite) exited with status "
                              f"{process.returncode} (died: {died is not None}); "
                              f"stderr:\n{said}")
+
+
+async def _bounded(reader: asyncio.Task[bytes]) -> bytes:
+    """What a pipe reader got, once the process is gone; a pipe held open by anything else
+    is given up after 10 s instead of hanging the test."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(reader), 10)
+    except TimeoutError:
+        reader.cancel()
+        return b"(the pipe stayed open 10 s after the server exited)"
 
 
 # A time limit on every statement, so that a server that stopped answering fails the test
