@@ -335,7 +335,8 @@ class AggregatorServer:
         await self.store.open()
         await self.store.ensure_schema(Policies(self.config.retention_days,
                                                 self.config.compress_after_days))
-        self._writer = self.store.writer(self.aggregator, self.config.bucket_seconds)
+        self._writer = self.store.writer(self.aggregator, self.config.bucket_seconds,
+                                         self.wal.log_id)
         self.live.start(self.store)
         await self._replay(records)
         # A new or wiped state directory must still log at positions above every row's.

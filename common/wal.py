@@ -15,6 +15,9 @@ The state directory (made 0700; every file in it 0600, whatever the umask) holds
   with a 16-byte key digest (measured in tests/test_wal.py).
 - ``lock``: flock'ed by the process using the directory for its whole life; holds its
   pid, for the message that refuses a second server.
+- ``log-id``: this log's identity, 32 random hex digits made when the directory is
+  first opened. Rows name their writers by it (several servers may write one row): a
+  wiped directory is a new log, whose low positions no row mistakes for the old one's.
 - ``role``: ``td`` or ``non_td``. A server refuses a directory marked with the other
   role; a directory without the marker (an earlier release, or new) is adopted.
 
@@ -83,6 +86,7 @@ PRODUCER_TTL_SECONDS = 7 * 24 * 3600
 PRODUCERS_FILE = "producers.msgpack"
 LOCK_FILE = "lock"
 ROLE_FILE = "role"
+LOG_ID_FILE = "log-id"
 REPAIR_COMMAND = "tdagg-wal-repair"
 _PRIVATE_FILE = 0o600
 _PRIVATE_DIR = 0o700
@@ -568,6 +572,7 @@ class WriteAheadLog:
         self._unconfirmed: deque[tuple[int, str, int]] = deque()
         self._seen: dict[str, int] = {}  # highest unconfirmed seq per producer
         self.torn_tails: list[TornTail] = []
+        self.log_id = ""  # known once open
         # Called with (cut position, error) when a failed sync cut off written records.
         self.cut_listeners: list[Callable[[int, WalWriteError], None]] = []
 
@@ -611,6 +616,7 @@ class WriteAheadLog:
         self._lock_fd = lock_directory(self.directory, "server")
         try:
             self._check_role()
+            self.log_id = self._load_log_id()
             self._make_files_private()
             self.producers, next_segment = load_producers(self.directory / PRODUCERS_FILE)
             segments = self._segments()
@@ -645,6 +651,27 @@ class WriteAheadLog:
                 f"state directory {self.directory} belongs to the {marked} server, not the "
                 f"{self.role} server; give each server its own --state-dir")
 
+    def _load_log_id(self) -> str:
+        path = self.directory / LOG_ID_FILE
+        try:
+            found = path.read_bytes().decode().strip()
+        except FileNotFoundError:
+            made = os.urandom(16).hex()
+            try:
+                replace_file(path, f"{made}\n".encode(), self._write, self.datasync)
+            except OSError as exc:
+                raise WalWriteError(exc.errno, f"{path}: cannot write the log identity: "
+                                    f"{describe(exc)}") from None
+            return made
+        except (OSError, UnicodeDecodeError) as exc:
+            cause = describe(exc) if isinstance(exc, OSError) else "not text"
+            raise StateDirError(f"{path}: cannot read the log identity: {cause}") from None
+        if not re.fullmatch(r"[0-9a-f]{32}", found):
+            raise StateDirError(
+                f"{path} is damaged (it holds {found[:40]!r}, not 32 hex digits): delete it "
+                "only together with the wal-*.log segments, which a new identity disowns")
+        return found
+
     def _write_role(self, path: Path) -> None:
         assert self.role is not None
         try:
@@ -655,7 +682,8 @@ class WriteAheadLog:
 
     def _make_files_private(self) -> None:
         """Files an earlier release wrote with the umask's mode become 0600."""
-        names = [PRODUCERS_FILE, ROLE_FILE, *(self._path(n).name for n in self._segments())]
+        names = [PRODUCERS_FILE, ROLE_FILE, LOG_ID_FILE,
+                 *(self._path(n).name for n in self._segments())]
         for name in names:
             path = self.directory / name
             try:

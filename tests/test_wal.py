@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import stat
 import struct
 import subprocess
@@ -1040,3 +1041,22 @@ def test_the_documented_cost_per_producer(tmp_path: Path) -> None:
     assert memory <= 300
     assert "about 70 bytes in the file and 250 bytes of memory" in " ".join(
         (wal_module.__doc__ or "").split())
+
+
+def test_log_identity_is_made_once_and_kept(tmp_path: Path) -> None:
+    """A new directory gets a random 32-hex-digit identity, kept across reopens and
+    private like every file; a wiped directory gets another; a damaged one is refused."""
+    log, _ = reopen(tmp_path / "a")
+    made = log.log_id
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    assert stat.S_IMODE((tmp_path / "a" / "log-id").stat().st_mode) == 0o600
+    crash(log)
+    again, _ = reopen(tmp_path / "a")
+    assert again.log_id == made
+    crash(again)
+    other, _ = reopen(tmp_path / "b")
+    assert other.log_id != made
+    crash(other)
+    (tmp_path / "a" / "log-id").write_text("not an identity\n")
+    with pytest.raises(StateDirError, match=r"log-id is damaged .*'not an identity'"):
+        reopen(tmp_path / "a")

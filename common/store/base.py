@@ -67,25 +67,35 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 class BucketWriter(ABC):
-    """Writes the closed buckets of one server role's table."""
+    """Writes the closed buckets of one server role's table, as one writer.
 
-    def __init__(self, aggregator: Aggregator[Any, Any], bucket_seconds: int) -> None:
+    ``writer_id`` names the write-ahead log whose positions the entries carry (a server's
+    log identity). Each row keeps the last position of every writer that merged into it,
+    so several servers may write the same row: a retry or a replay is recognised per
+    writer, and a wiped state directory (a new log identity) starts afresh.
+    """
+
+    def __init__(self, aggregator: Aggregator[Any, Any], bucket_seconds: int,
+                 writer_id: str = "") -> None:
         self.aggregator = aggregator
         self.bucket_seconds = bucket_seconds
+        self.writer_id = writer_id
 
     @abstractmethod
     async def write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:
         """Write a batch atomically; return how many rows held late data.
 
         Idempotent, so that any failure may be retried with the same entries: a stored
-        row whose log position already reaches an entry's last position holds that
-        entry (an earlier attempt committed it), and the entry is skipped. Late data is
+        row whose position for this writer already reaches an entry's last position
+        holds that entry (an earlier attempt committed it), and the entry is skipped.
+        Two writers merging into one row at the same time never lose an update. Late data is
         merged into a state rebuilt from the stored row (aggregator.from_stored), never
         into the entry's own state. Any part of a batch may be written on its own."""
 
     @abstractmethod
     async def stored_positions(self, keys: Sequence[BucketKey]) -> dict[BucketKey, int]:
-        """The write-ahead-log position each existing row already contains."""
+        """This writer's last log position that each existing row already contains (a
+        row written before writers had identities: the position it holds)."""
 
     @abstractmethod
     async def max_position(self) -> int:
@@ -211,8 +221,9 @@ class Store(ABC):
         """Return once the store answers; StoreUnavailable otherwise."""
 
     @abstractmethod
-    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int) -> BucketWriter:
-        """The bucket writer of the aggregator's role."""
+    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int,
+               writer_id: str = "") -> BucketWriter:
+        """The bucket writer of the aggregator's role, writing as ``writer_id``."""
 
     @abstractmethod
     async def record_generators(self, rows: Sequence[GeneratorRow]) -> None:

@@ -93,8 +93,9 @@ class ClickHouseStore(Store):
     async def ping(self) -> None:
         await self.engine.query("SELECT 1")
 
-    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int) -> BucketWriter:
-        return ChBucketWriter(self, aggregator, bucket_seconds)
+    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int,
+               writer_id: str = "") -> BucketWriter:
+        return ChBucketWriter(self, aggregator, bucket_seconds, writer_id)
 
     async def record_generators(self, rows: Sequence[GeneratorRow]) -> None:
         def seconds(ns: int | None) -> float | None:

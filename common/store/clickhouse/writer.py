@@ -31,8 +31,11 @@ _BUCKETS_PER_QUERY = 500
 
 class ChBucketWriter(BucketWriter):
     def __init__(self, store: ClickHouseStore, aggregator: Aggregator[Any, Any],
-                 bucket_seconds: int) -> None:
-        super().__init__(aggregator, bucket_seconds)
+                 bucket_seconds: int, writer_id: str = "") -> None:
+        # ClickHouse has no row locks: a row's versions carry one log position, so a row
+        # must have one writer (one server per role; docs/CLICKHOUSE.md). writer_id is
+        # kept for the interface only.
+        super().__init__(aggregator, bucket_seconds, writer_id)
         self.store = store
         self.kind = TREND if aggregator.role == "td" else COUNTER
         self.table = store.table(tables.TABLES[self.kind])

@@ -44,7 +44,11 @@ if TYPE_CHECKING:
 class _Row:
     bucket_seconds: int
     values: Values
-    position: int  # the write-ahead-log position the row holds
+    positions: dict[str, int]  # each writer's last log position the row holds
+
+    @property
+    def position(self) -> int:
+        return max(self.positions.values(), default=0)
 
 
 @dataclass
@@ -83,8 +87,8 @@ def _table_of(role: str) -> str:
 
 class MemoryWriter(BucketWriter):
     def __init__(self, db: MemoryDatabase, aggregator: Aggregator[Any, Any],
-                 bucket_seconds: int) -> None:
-        super().__init__(aggregator, bucket_seconds)
+                 bucket_seconds: int, writer_id: str = "") -> None:
+        super().__init__(aggregator, bucket_seconds, writer_id)
         self.rows = db.tables[_table_of(aggregator.role)]
 
     async def write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:
@@ -93,23 +97,25 @@ class MemoryWriter(BucketWriter):
         late = 0
         for key, entry in entries.items():  # everything is computed before anything is kept
             stored = self.rows.get(key)
+            positions = {} if stored is None else dict(stored.positions)
             if stored is None:
                 values = agg.values(entry.state)
-                position = entry.last_position
-            elif stored.position >= entry.last_position > 0:
+            elif positions.get(self.writer_id, 0) >= entry.last_position > 0:
                 continue  # written by an attempt whose outcome was unknown
             else:
                 merged = agg.from_stored(_copy(stored.values))
                 agg.absorb(merged, entry.state)
                 values = agg.values(merged)
-                position = max(entry.last_position, stored.position)
                 late += 1
-            new[key] = _Row(self.bucket_seconds, _copy(values), position)
+            positions[self.writer_id] = max(entry.last_position,
+                                            positions.get(self.writer_id, 0))
+            new[key] = _Row(self.bucket_seconds, _copy(values), positions)
         self.rows.update(new)
         return late
 
     async def stored_positions(self, keys: Sequence[BucketKey]) -> dict[BucketKey, int]:
-        return {key: self.rows[key].position for key in keys if key in self.rows}
+        return {key: self.rows[key].positions.get(self.writer_id, 0)
+                for key in keys if key in self.rows}
 
     async def max_position(self) -> int:
         return max((row.position for row in self.rows.values()), default=0)
@@ -265,8 +271,9 @@ class MemoryStore(Store):
     async def ping(self) -> None:
         self._db()
 
-    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int) -> BucketWriter:
-        return MemoryWriter(self._db(), aggregator, bucket_seconds)
+    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int,
+               writer_id: str = "") -> BucketWriter:
+        return MemoryWriter(self._db(), aggregator, bucket_seconds, writer_id)
 
     async def record_generators(self, rows: Sequence[GeneratorRow]) -> None:
         db = self._db()

@@ -185,8 +185,9 @@ class PostgresStore(Store):
             async with self._pool().acquire() as conn:
                 await conn.fetchval("SELECT 1")
 
-    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int) -> BucketWriter:
-        return PgBucketWriter(self._pool(), self.label, aggregator, bucket_seconds)
+    def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int,
+               writer_id: str = "") -> BucketWriter:
+        return PgBucketWriter(self._pool(), self.label, aggregator, bucket_seconds, writer_id)
 
     async def record_generators(self, rows: Sequence[GeneratorRow]) -> None:
         with translated(self.label):

@@ -1,6 +1,9 @@
 -- Idempotent schema; run under an advisory lock so both servers may start at once.
--- wal_pos is the servers' own bookkeeping: the last write-ahead-log position merged
--- into the row, so that a replay after a crash does not count a frame twice.
+-- wal_pos and writer_pos are the servers' own bookkeeping: writer_pos maps each server's
+-- log identity to the last write-ahead-log position of that server merged into the row,
+-- so that neither a replay after a crash nor a retried write counts a frame twice, even
+-- when several servers write the row; wal_pos is the highest of them. A row with an empty
+-- writer_pos was written before servers had identities: its wal_pos is its writer's.
 --
 -- A row's key is (run_id, metric, bucket, tags_hash). tags_hash is the md5 of the tags'
 -- canonical jsonb text, decode(md5(tags::text), 'hex'), always computed by PostgreSQL from
@@ -27,7 +30,8 @@ CREATE TABLE IF NOT EXISTS trend_buckets (
     digest          bytea            NOT NULL,
     zeros           bigint           NOT NULL DEFAULT 0,
     wal_pos         bigint           NOT NULL DEFAULT 0,
-    sum_rest        double precision[]
+    sum_rest        double precision[],
+    writer_pos      jsonb            NOT NULL DEFAULT '{}'
 );
 -- sum is the exact sum of the samples correctly rounded; sum_rest what rounding left out
 -- (NULL when nothing): sum + the terms of sum_rest is exact (common/exactsum.py).
@@ -47,13 +51,16 @@ CREATE TABLE IF NOT EXISTS counter_buckets (
     min             double precision NOT NULL,
     max             double precision NOT NULL,
     state           jsonb,
-    wal_pos         bigint           NOT NULL DEFAULT 0
+    wal_pos         bigint           NOT NULL DEFAULT 0,
+    writer_pos      jsonb            NOT NULL DEFAULT '{}'
 );
 
 -- Columns added after the first release of the schema: older tables gain them in place.
 ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS zeros bigint NOT NULL DEFAULT 0;
 ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS wal_pos bigint NOT NULL DEFAULT 0;
 ALTER TABLE counter_buckets ADD COLUMN IF NOT EXISTS wal_pos bigint NOT NULL DEFAULT 0;
+ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS writer_pos jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE counter_buckets ADD COLUMN IF NOT EXISTS writer_pos jsonb NOT NULL DEFAULT '{}';
 
 -- Tables of a release keyed on (run_id, metric, tags, bucket): add tags_hash and fill it
 -- from the rows' tags (once: only while the column is missing, so that a start does not

@@ -43,6 +43,12 @@ KEY_LOOKUP_SETTINGS = (
 )
 
 
+# The log position of the writer named by $5 that a row holds; a row written before
+# writers had identities (writer_pos empty) holds its one writer's at wal_pos.
+WRITER_POSITION = ("CASE WHEN writer_pos = '{}'::jsonb THEN wal_pos "
+                   "ELSE coalesce((writer_pos ->> $5::text)::bigint, 0) END")
+
+
 def tags_json(tags: tuple[tuple[str, str], ...]) -> str:
     return orjson.dumps(dict(tags), option=orjson.OPT_SORT_KEYS).decode()
 
@@ -53,15 +59,20 @@ def key_arrays(keys: Sequence[BucketKey]) -> tuple[list[str], list[str], list[st
             [k[3] for k in keys])
 
 
-def key_lookup_sql(table: str, selected: Sequence[str], lock: bool) -> str:
+def key_lookup_sql(table: str, selected: Sequence[str], lock: bool,
+                   writer_position: bool = False) -> str:
     """The stored rows of a batch of keys, each with the key's 1-based ordinal.
 
     The keys come as four arrays ($1 run ids, $2 metrics, $3 tags as JSON text, $4 bucket
     starts). Each key is looked up on its own by all four columns of the unique index;
     LIMIT 1 (a key has one row at most) keeps the lookup a subquery per key, which
-    PostgreSQL does not flatten into a join for the statistics to plan.
+    PostgreSQL does not flatten into a join for the statistics to plan. With
+    ``writer_position``, the first column after the ordinal is the position that the
+    writer named by $5 holds in the row (WRITER_POSITION).
     """
-    names = [c.split("::")[0] for c in selected]
+    if writer_position:
+        selected = (f"{WRITER_POSITION} AS writer_position", *selected)
+    names = [c.split(" AS ")[-1].split("::")[0] for c in selected]
     return (
         f"SELECT k.ord, {', '.join(f't.{c}' for c in names)} "
         "FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) "
@@ -76,15 +87,18 @@ def key_lookup_sql(table: str, selected: Sequence[str], lock: bool) -> str:
 
 def upsert_sql(table: str, value_columns: Sequence[str]) -> str:
     """Insert or replace one row: $1 bucket start, $2 bucket_seconds, $3 run_id, $4 metric,
-    $5 tags as JSON text, then the value columns and wal_pos."""
+    $5 tags as JSON text, then the value columns, wal_pos and writer_pos (JSON text: the
+    writer's id and position, added to the positions of the row's other writers)."""
     names = ("bucket", "bucket_seconds", "run_id", "metric", "tags", "tags_hash",
-             *value_columns, "wal_pos")
+             *value_columns, "wal_pos", "writer_pos")
     params = ["to_timestamp($1)", "$2", "$3", "$4", "$5::jsonb", TAGS_HASH.format("$5::jsonb")]
     params += [f"${i}" for i in range(6, len(names))]
     if "state" in value_columns:
         params[names.index("state")] += "::jsonb"
-    updates = ", ".join(f"{c} = EXCLUDED.{c}"
-                        for c in ("bucket_seconds", *value_columns, "wal_pos"))
+    params[-1] += "::jsonb"
+    updates = ", ".join([f"{c} = EXCLUDED.{c}" for c in ("bucket_seconds", *value_columns)]
+                        + [f"wal_pos = GREATEST({table}.wal_pos, EXCLUDED.wal_pos)",
+                           f"writer_pos = {table}.writer_pos || EXCLUDED.writer_pos"])
     return (
         f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(params)}) "
         f"ON CONFLICT (run_id, metric, bucket, tags_hash) DO UPDATE SET {updates}"
@@ -101,21 +115,25 @@ def insert_new_sql(table: str, value_columns: Sequence[str]) -> str:
     batch, which then merges into that row. A row's sum_rest goes as the text of a
     float8[] (arrays of arrays must be rectangular)."""
     names = ("bucket", "bucket_seconds", "run_id", "metric", "tags", *value_columns,
-             "wal_pos")
+             "wal_pos", "writer_pos")
     types = ["bigint", "integer", "text", "text", "text",
              *("text" if c in ("sum_rest", "state") else columns.TYPES[c]
-               for c in value_columns), "bigint"]
+               for c in value_columns), "bigint", "text"]
     arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
     values = ["to_timestamp(n.bucket)", "n.bucket_seconds", "n.run_id", "n.metric",
               "n.tags::jsonb", TAGS_HASH.format("n.tags::jsonb")]
     for c in value_columns:
         values.append({"state": "n.state::jsonb", "sum_rest": "n.sum_rest::float8[]"}.get(
             c, f"n.{c}"))
-    values.append("n.wal_pos")
+    values += ["n.wal_pos", "n.writer_pos::jsonb"]
     return (f"INSERT INTO {table} (bucket, bucket_seconds, run_id, metric, tags, tags_hash, "
-            f"{', '.join(value_columns)}, wal_pos) SELECT {', '.join(values)} "
+            f"{', '.join(value_columns)}, wal_pos, writer_pos) SELECT {', '.join(values)} "
             f"FROM unnest({arrays}) AS n({', '.join(names)}) "
             f"ON CONFLICT (run_id, metric, bucket, tags_hash) DO NOTHING")
+
+
+def _lock_order(key: BucketKey) -> tuple[int, str, str, str]:
+    return (key[3], key[0], key[1], tags_json(key[2]))
 
 
 def _float8_array_text(values: Sequence[float] | None) -> str | None:
@@ -124,16 +142,17 @@ def _float8_array_text(values: Sequence[float] | None) -> str | None:
 
 class PgBucketWriter(BucketWriter):
     def __init__(self, pool: asyncpg.Pool, label: str, aggregator: Aggregator[Any, Any],
-                 bucket_seconds: int) -> None:
-        super().__init__(aggregator, bucket_seconds)
+                 bucket_seconds: int, writer_id: str = "") -> None:
+        super().__init__(aggregator, bucket_seconds, writer_id)
         self.pool = pool
         self.label = label
         self.kind = columns.table_of(aggregator.role)
         table = columns.TABLES[self.kind]
         self.upsert = upsert_sql(table, columns.WRITTEN[self.kind])
-        self.select_stored = key_lookup_sql(table, ("wal_pos", *columns.READ[self.kind]),
-                                            lock=True)
-        self.select_positions = key_lookup_sql(table, ("wal_pos",), lock=False)
+        self.select_stored = key_lookup_sql(table, columns.READ[self.kind], lock=True,
+                                            writer_position=True)
+        self.select_positions = key_lookup_sql(table, (), lock=False, writer_position=True)
+
         self._max_position = f"SELECT coalesce(max(wal_pos), 0) FROM {table}"
         self.insert_new = insert_new_sql(table, columns.WRITTEN[self.kind])
         self.sum_rest_at = (5 + columns.WRITTEN[self.kind].index("sum_rest")
@@ -145,7 +164,8 @@ class PgBucketWriter(BucketWriter):
         with translated(self.label):
             async with self.pool.acquire() as conn, conn.transaction(readonly=True):
                 await conn.execute(KEY_LOOKUP_SETTINGS)
-                rows = await conn.fetch(self.select_positions, *key_arrays(keys))
+                rows = await conn.fetch(self.select_positions, *key_arrays(keys),
+                                        self.writer_id)
         return {keys[row[0] - 1]: row[1] for row in rows}
 
     async def max_position(self) -> int:
@@ -179,14 +199,16 @@ class PgBucketWriter(BucketWriter):
                                    chunk)
 
     async def _write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:
-        keys = list(entries)
+        # One order of keys for every writer: two writers locking the same rows cannot
+        # deadlock over the order they lock them in.
+        keys = sorted(entries, key=_lock_order)
         arrays = key_arrays(keys)
         agg = self.aggregator
         conn = await self.pool.acquire()
         try:
             async with conn.transaction():
                 await conn.execute(KEY_LOOKUP_SETTINGS)
-                stored_rows = await conn.fetch(self.select_stored, *arrays)
+                stored_rows = await conn.fetch(self.select_stored, *arrays, self.writer_id)
                 # Late data: merge into a state rebuilt from the stored row, never into the
                 # closing state itself, so that a failed attempt can be retried as is.
                 to_write = {key: entry.state for key, entry in entries.items()}
@@ -208,7 +230,8 @@ class PgBucketWriter(BucketWriter):
                 for key, tag in zip(keys, arrays[2], strict=True):
                     if key in to_write:
                         row = (key[3], self.bucket_seconds, key[0], key[1], tag,
-                               *columns.written(agg.values(to_write[key])), positions[key])
+                               *columns.written(agg.values(to_write[key])), positions[key],
+                               orjson.dumps({self.writer_id: positions[key]}).decode())
                         (updated if key in stored else new).append(row)
                 # Stored rows are locked (FOR UPDATE above): their upserts are updates.
                 if updated:
