@@ -31,6 +31,34 @@ def parse_hostport(text: Any) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def hostport_text(host: str, port: int) -> str:
+    """HOST:PORT as parse_hostport reads it back ([HOST]:PORT for an IPv6 address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_server_list(text: Any) -> tuple[tuple[str, int], ...]:
+    """One or more HOST:PORT, comma-separated (or a TOML list): the servers of one role.
+    An empty entry or a server named twice is refused, naming it."""
+    entries = text if isinstance(text, list) else str(text).split(",") \
+        if isinstance(text, str) else None
+    if entries is None:
+        raise ValueError("expected HOST:PORT[,HOST:PORT...] or a list of them")
+    servers: list[tuple[str, int]] = []
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"entry {number} is empty: expected HOST:PORT[,HOST:PORT...]")
+        try:
+            server = parse_hostport(entry.strip())
+        except ValueError as exc:
+            raise ValueError(f"entry {number} ({entry.strip()!r}): {exc}") from None
+        server = (server[0].lower(), server[1])
+        if server in servers:
+            raise ValueError(f"{server[0]}:{server[1]} is listed twice (entries "
+                             f"{servers.index(server) + 1} and {number}): each server once")
+        servers.append(server)
+    return tuple(servers)
+
+
 def _positive_int(text: Any) -> int:
     # TOML gives typed values: refuse bool and float rather than truncate them.
     if isinstance(text, bool) or not isinstance(text, int | str):
@@ -231,10 +259,19 @@ class NonTdServerConfig(ServerConfig):
 
 @dataclass(frozen=True)
 class ForwarderConfig:
-    td: tuple[str, int] = _field(
-        ("127.0.0.1", 7410), parse_hostport, "td_server address", "HOST:PORT")
-    non_td: tuple[str, int] = _field(
-        ("127.0.0.1", 7411), parse_hostport, "non_td_server address", "HOST:PORT")
+    td: tuple[tuple[str, int], ...] = _field(
+        (("127.0.0.1", 7410),), parse_server_list,
+        "td_server address; several, comma-separated, share the series (each series goes "
+        "to one, chosen by a hash of the series that every forwarder computes alike)",
+        "HOST:PORT[,...]")
+    non_td: tuple[tuple[str, int], ...] = _field(
+        (("127.0.0.1", 7411),), parse_server_list,
+        "non_td_server address; several, comma-separated, share the series as --td's do",
+        "HOST:PORT[,...]")
+    failover_after: float = _field(
+        10.0, _non_negative_float,
+        "with several servers of a role: a server unreachable this long has its series "
+        "sent to the next server in hash order until it is back", "SECONDS")
     run_id: str | None = _field(
         None, _optional_text, "run id shared by all generators of one test (default: fresh)",
         "ID")
@@ -288,6 +325,15 @@ class ForwarderConfig:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
+def _plain(value: Any) -> Any:
+    """An address, or a list of them, as written on the command line."""
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return ",".join(hostport_text(*address) for address in value)
+    if isinstance(value, tuple):
+        return hostport_text(*value)
+    return value
+
+
 def _settings(cls: type) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if f.name != "sources"]
 
@@ -299,9 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                         help="print every effective setting with its source and exit")
     for f in _settings(cls):
         flag = "--" + f.name.replace("_", "-")
-        shown = f.default
-        if isinstance(shown, tuple):
-            shown = f"{shown[0]}:{shown[1]}"
+        shown = _plain(f.default)
         # A yes/no setting is a plain switch on the command line: --append.
         help_text = (f"{f.metadata['help']} (default: {shown}; "
                      f"env TDAGG_{f.name.upper()})")
@@ -374,9 +418,8 @@ def describe(config: Any) -> str:
     lines = []
     for f in _settings(type(config)):
         value = _shown(f, getattr(config, f.name))
-        if isinstance(value, tuple):
-            value = f"{value[0]}:{value[1]}"
-        elif value is None:
+        value = _plain(value)
+        if value is None:
             value = "''"
         lines.append(f"{f.name} = {value!s}  # {config.sources.get(f.name, 'default')}")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from common.config import ConfigError, ForwarderConfig, load
 from k6_forward.child import FORWARDED_SIGNALS, ChildError, K6Child, script_of
 from k6_forward.lines import LineAggregator
 from k6_forward.link import LinkRefused, ServerLink
+from k6_forward.route import ServerGroup
 from k6_forward.thresholds import InspectFailed, check_tags, with_no_thresholds
 from k6_forward.thresholds import load as inspect_thresholds
 from k6_forward.verdicts import EXIT_THRESHOLDS_FAILED, GlobalVerdicts
@@ -72,6 +73,13 @@ counted and skipped; the last line sums them up. k6's own text in the stream (ba
 progress, summary) is harmless and only counted; a JSON line that k6's progress output
 cut in two is put back together. Tag values longer than 256 characters (long URLs in
 k6's name tag) are shortened to 239 characters, "~" and 16 hex digits of their hash.
+
+several servers per role: --td A:7410,B:7410 (and --non-td likewise) shares the series
+among them: each series goes to one server, chosen by a hash of the series and the
+servers' addresses, so every forwarder given the same list (in any order) sends it to
+the same server. A server unreachable for --failover-after seconds has its series, and
+the partials it never got, sent to the next server in hash order; when it is back, new
+buckets go to it again. Frames it may have logged before it went away wait for it.
 
 global thresholds: under the first form, the script's thresholds (read with
 'k6 inspect', which gets the run's -e, --config and system environment) and any
@@ -210,15 +218,17 @@ class Forwarder:
         self.tag_keys = tag_keys
         self.lines = LineAggregator(tag_keys, config.bucket_seconds)
         tls, token = client_security(config)
-        self.td = ServerLink("td-server", config.td, producer, run_id, protocol.ROLE_TD,
-                             config.max_unacked_bytes, spool_dir=config.spool_dir,
-                             max_spool_bytes=config.max_spool_bytes, tls=tls, token=token,
-                             append=config.append)
-        self.non_td = ServerLink("non-td-server", config.non_td, producer, run_id,
-                                 protocol.ROLE_NON_TD, config.max_unacked_bytes,
-                                 spool_dir=config.spool_dir,
-                                 max_spool_bytes=config.max_spool_bytes, tls=tls, token=token,
-                                 append=config.append)
+        def group(name: str, role: str, addresses: Sequence[tuple[str, int]]) -> ServerGroup:
+            several = len(addresses) > 1
+            return ServerGroup(name, [
+                ServerLink(name, address, producer, run_id, role, config.max_unacked_bytes,
+                           spool_dir=config.spool_dir, max_spool_bytes=config.max_spool_bytes,
+                           tls=tls, token=token, append=config.append,
+                           spool_name=f"{role}.{index}" if several else role)
+                for index, address in enumerate(addresses)], config.failover_after)
+
+        self.td = group("td-server", protocol.ROLE_TD, config.td)
+        self.non_td = group("non-td-server", protocol.ROLE_NON_TD, config.non_td)
         self.items_sent = 0
         self.started_at = time.time()
         self.k6_version: str | None = None  # known when k6 runs as the child

@@ -81,7 +81,8 @@ class ServerLink:
                  spool_dir: str | Path | None = None,
                  max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
                  tls: ssl.SSLContext | None = None, token: str | None = None,
-                 input_id: str | None = None, append: bool = False) -> None:
+                 input_id: str | None = None, append: bool = False,
+                 spool_name: str | None = None) -> None:
         self.name = name
         self.input_id = input_id
         self.append = append
@@ -93,8 +94,8 @@ class ServerLink:
         self.role = role
         self.max_memory_bytes = max_memory_bytes
         self.report = report if report is not None else sys.stderr
-        self.spool = Spool(default_spool_path(spool_dir, producer, role), max_spool_bytes,
-                           remove_empty_dir=True)
+        self.spool = Spool(default_spool_path(spool_dir, producer, spool_name or role),
+                           max_spool_bytes, remove_empty_dir=True)
         self.next_seq = 1
         # Unacknowledged frames held in memory, oldest first; all older than the spool's.
         self.memory: OrderedDict[int, bytes] = OrderedDict()
@@ -110,6 +111,7 @@ class ServerLink:
         self.producer_key = secrets.token_hex(16)
         self._tls_probed = False
         self._sent_seq = 0  # highest seq written on the current connection
+        self._ever_sent = 0  # highest seq written on any connection
         self._writer: asyncio.StreamWriter | None = None
         self._changed = asyncio.Event()  # acks, refusals, fatal: room may have been freed
         self._more = asyncio.Event()     # a new frame is waiting to be sent
@@ -140,6 +142,13 @@ class ServerLink:
     @property
     def unacked_bytes(self) -> int:
         return self.memory_bytes + self.spool.live_bytes
+
+    def down_for(self) -> float:
+        """Seconds since the server was last reachable (0 while connected, or before the
+        first attempt has failed)."""
+        if self._down_since is None:
+            return 0.0
+        return asyncio.get_running_loop().time() - self._down_since
 
     def say(self, text: str) -> None:
         print(f"k6-forward: {self.name} {self.address[0]}:{self.address[1]}: {text}",
@@ -302,6 +311,24 @@ class ServerLink:
             self.refused_items[reason] += len(items)
             self.refused_samples[reason] += sum(map(protocol.claimed_samples, items))
         self._room_freed()
+
+    def take_unsent(self) -> list[list[Any]]:
+        """Remove every frame never written to any connection; return the items of its
+        data frames (for another server: this one cannot have them). Generator frames
+        among them are dropped: the other servers of the role got theirs."""
+        items: list[list[Any]] = []
+        for seq in range(self._ever_sent + 1, self.next_seq):
+            frame = self.memory.pop(seq, None)
+            if frame is not None:
+                self.memory_bytes -= len(frame)
+            elif seq in self.spool:
+                frame = self.spool.read(seq)
+                self.spool.discard(seq)
+            else:
+                continue
+            items += protocol.unpack(frame[4:]).get("items") or []
+        self._room_freed()
+        return items
 
     def _room_freed(self) -> None:
         # Move frames from the spool's head back into memory while they fit.
@@ -559,6 +586,7 @@ class ServerLink:
             seq, frame = found
             writer.write(frame)
             self._sent_seq = seq
+            self._ever_sent = max(self._ever_sent, seq)
             self.frames_sent += 1
             await writer.drain()  # TCP flow control
 

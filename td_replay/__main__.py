@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run id (default: a fresh replay-XXXXXXXXXXXX); verification "
                              "reads only this run's rows, so use a new one per replay")
     servers = parser.add_argument_group("servers and database")
-    servers.add_argument("--td", type=_hostport, default=forwarder.td, metavar="HOST:PORT",
+    servers.add_argument("--td", type=_hostport, default=forwarder.td[0], metavar="HOST:PORT",
                          help="td-server (default 127.0.0.1:7410)")
-    servers.add_argument("--non-td", type=_hostport, default=forwarder.non_td,
+    servers.add_argument("--non-td", type=_hostport, default=forwarder.non_td[0],
                          metavar="HOST:PORT", help="non-td-server (default 127.0.0.1:7411)")
     servers.add_argument("--dsn", help="database the servers write to (default: TDAGG_DSN, "
                                        "else PG* variables, else the embedded PostgreSQL in "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from common.config import (
     describe,
     load,
     parse_hostport,
+    parse_server_list,
     resolve,
 )
 from common.protocol import Limits
@@ -79,7 +81,8 @@ def test_defaults() -> None:
     assert disabled.metrics_listen is None
 
     forwarder = resolve(ForwarderConfig, args_for(ForwarderConfig, []), {})
-    assert (forwarder.td, forwarder.non_td) == (("127.0.0.1", 7410), ("127.0.0.1", 7411))
+    assert (forwarder.td, forwarder.non_td) == ((("127.0.0.1", 7410),), (("127.0.0.1", 7411),))
+    assert forwarder.failover_after == 10.0
     assert forwarder.run_id is None
     assert forwarder.tags == "name,method,status,scenario,group"
     assert (forwarder.bucket_seconds, forwarder.local_grace) == (10, 2.0)
@@ -122,7 +125,7 @@ def test_env_without_file(tmp_path: Path) -> None:
     environ = {"TDAGG_TD": "10.0.0.1:1234", "TDAGG_TAGS": "", "TDAGG_RUN_ID": "r-7",
                "TDAGG_DATA_DIR": str(tmp_path)}
     config = resolve(ForwarderConfig, args_for(ForwarderConfig, []), environ)
-    assert config.td == ("10.0.0.1", 1234)
+    assert config.td == (("10.0.0.1", 1234),)
     assert config.tags == ""
     assert config.run_id == "r-7"
     assert config.sources["td"] == "env TDAGG_TD"
@@ -199,6 +202,8 @@ def error_of(cls: type, argv: list[str], environ: dict[str, str]) -> str:
         (ServerConfig, [], {"TDAGG_MAX_FRAME_BYTES": "-5"}, "max_frame_bytes",
          "env TDAGG_MAX_FRAME_BYTES"),
         (ForwarderConfig, ["--td", "x"], {}, "td", "flag --td"),
+        (ForwarderConfig, ["--td", "a:1,,b:2"], {}, "td", "flag --td"),
+        (ForwarderConfig, [], {"TDAGG_NON_TD": "a:1,A:1"}, "non_td", "env TDAGG_NON_TD"),
         (ForwarderConfig, [], {"TDAGG_LOCAL_GRACE": "-0.5"}, "local_grace",
          "env TDAGG_LOCAL_GRACE"),
         (ForwarderConfig, ["--max-unacked-bytes", "0"], {}, "max_unacked_bytes",
@@ -361,3 +366,20 @@ def test_every_setting_has_a_flag_and_an_env_name() -> None:
                 continue
             assert "--" + f.name.replace("_", "-") in help_text
             assert "TDAGG_" + f.name.upper() in help_text
+
+
+def test_server_lists() -> None:
+    """--td and --non-td take one server or several; in the file, a list or a string;
+    each server once; --print-config shows the list as it is written."""
+    config = resolve(ForwarderConfig, args_for(ForwarderConfig, [
+        "--td", "a.example:7410, 10.0.0.2:7410,[::1]:7412", "--failover-after", "2.5"]), {})
+    assert config.td == (("a.example", 7410), ("10.0.0.2", 7410), ("::1", 7412))
+    assert config.failover_after == 2.5
+    assert "td = a.example:7410,10.0.0.2:7410,[::1]:7412  # flag --td" in describe(config)
+    assert parse_server_list(["h:1", "h:2"]) == (("h", 1), ("h", 2))
+    for text, says in [("h:1,H:1", "h:1 is listed twice (entries 1 and 2)"),
+                       ("h:1,", "entry 2 is empty"),
+                       ("h:1,h", "entry 2 ('h'): expected HOST:PORT"),
+                       (7410, "expected HOST:PORT[,HOST:PORT...] or a list")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse_server_list(text)

@@ -270,9 +270,11 @@ def test_every_runner_forwards_into_the_testruns_run_id(path: Path) -> None:
     assert config.run_id == name, "every runner must use the TestRun's name as run id"
     assert protocol.text_problem(name) is None
     assert len(name) <= protocol.Limits.max_name_length
-    assert config.td[1] == default_of(TdServerConfig, "listen")[1]
-    assert config.non_td[1] == default_of(NonTdServerConfig, "listen")[1]
-    assert config.td[0] != "127.0.0.1", "in a pod, the servers are not on loopback"
+    ((td_host, td_port),) = config.td
+    ((_, non_td_port),) = config.non_td
+    assert td_port == default_of(TdServerConfig, "listen")[1]
+    assert non_td_port == default_of(NonTdServerConfig, "listen")[1]
+    assert td_host != "127.0.0.1", "in a pod, the servers are not on loopback"
     names = {f"TDAGG_{f.name.upper()}" for f in dataclasses.fields(ForwarderConfig)
              if f.name != "sources"}
     assert set(env) <= names | {"REAL_K6"}, set(env) - names

@@ -342,18 +342,28 @@ async def _run_in_session(argv: Sequence[str], env: Mapping[str, str],
     return process.returncode or 0, out or b"", err or b""
 
 
-async def k6_pipeline(base: str, raw_path: Path | None, td: tuple[str, int],
-                      non_td: tuple[str, int], run_id: str, duration: str, *k6_args: str,
+Servers = tuple[str, int] | Sequence[tuple[str, int]]
+
+
+def servers_text(servers: Servers) -> str:
+    """One server's HOST:PORT, or several comma-separated, as --td and --non-td take."""
+    listed: list[Any] = [servers] if servers and isinstance(servers[0], str) else list(servers)
+    return ",".join(f"{host}:{port}" for host, port in listed)
+
+
+async def k6_pipeline(base: str, raw_path: Path | None, td: Servers,
+                      non_td: Servers, run_id: str, duration: str, *k6_args: str,
                       script: str = "load.js", quiet: bool = True,
                       forwarder_args: Sequence[str] = (),
                       env: Mapping[str, str] | None = None) -> tuple[int, str]:
     """``k6 run --out json=- SCRIPT | tee RAW | k6-forward``; returns (exit code, the
     forwarder's stderr). Without ``raw_path`` nothing is recorded; without ``quiet``, k6
-    writes its banner, progress and summary into the same pipe."""
+    writes its banner, progress and summary into the same pipe. ``td`` and ``non_td``:
+    one server's address or several."""
     k6 = shlex.join([k6_binary(), "run", *(["--quiet"] if quiet else []), *k6_args,
                      "--out", "json=-", str(k6_script(script))])
     forward = shlex.join([sys.executable, "-m", "k6_forward", "--run-id", run_id,
-                          "--td", f"{td[0]}:{td[1]}", "--non-td", f"{non_td[0]}:{non_td[1]}",
+                          "--td", servers_text(td), "--non-td", servers_text(non_td),
                           *forwarder_args])
     tee = f" | tee {shlex.quote(str(raw_path))}" if raw_path is not None else ""
     command = f"set -o pipefail; {k6} 2>/dev/null{tee} | {forward}"
