@@ -204,10 +204,11 @@ def bucket_bounds(values: npt.NDArray[np.float64]
     return low, high
 
 
-def outside(centroids: Centroids, lo: float, hi: float) -> bool:
+def outside(centroids: Centroids, lo: float, hi: float, known_sketch: bool = False) -> bool:
     """Whether a digest holds samples that cannot lie in [lo, hi]: a sketch's first or
-    last bucket misses it, or a t-digest centroid's mean is outside it."""
-    if not is_sketch(centroids):
+    last bucket misses it, or a t-digest centroid's mean is outside it.
+    ``known_sketch``: decoded from a sketch's encoding (is_sketch holds by construction)."""
+    if not known_sketch and not is_sketch(centroids):
         return bool(centroids[0, 0] < lo or centroids[-1, 0] > hi)
     low, high = bucket_bounds(centroids[[0, -1], 0])
     return bool(high[0] < lo or low[1] > hi)
@@ -382,10 +383,16 @@ def encode(centroids: Centroids, known_sketch: bool = False) -> bytes:
     return body + b"\0" if len(body) % 16 == 0 else body
 
 
+def encodes_sketch(data: bytes) -> bool:
+    """Whether ``decode`` reads these bytes as a sketch (else as legacy pairs); what it
+    decodes from a sketch's bytes are bucket representatives, as is_sketch checks."""
+    return len(data) % 16 != 0
+
+
 def decode(data: bytes) -> Centroids:
     """Inverse of encode (and the legacy (mean, weight) pairs); ValueError names what is
     wrong with bytes that are neither."""
-    if len(data) % 16 == 0:
+    if not encodes_sketch(data):
         return np.frombuffer(data, dtype=_LE_F64).astype(np.float64).reshape(-1, 2)
     if len(data) < _HEADER.size or data[:2] != _MAGIC:
         raise ValueError(f"digest of {len(data)} bytes is neither a sketch nor whole "
@@ -401,6 +408,9 @@ def decode(data: bytes) -> Centroids:
     indices = np.frombuffer(data, dtype="<i4", count=n, offset=_HEADER.size).astype(np.int64)
     counts = np.frombuffer(data, dtype="<u8" if width == 8 else "<u4", count=n,
                            offset=_HEADER.size + 4 * n).astype(np.float64)
+    if n and (indices.min() < _FIRST_INDEX or indices.max() > _LAST_INDEX):
+        raise ValueError(f"sketch bucket index outside [{_FIRST_INDEX}, {_LAST_INDEX}] "
+                         "(no double falls there)")
     neg_idx, pos_idx = indices[:n_neg], indices[n_neg:]
     if (np.diff(neg_idx) <= 0).any() or (np.diff(pos_idx) <= 0).any():
         raise ValueError("sketch bucket indices are not increasing")

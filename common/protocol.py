@@ -583,7 +583,8 @@ def parse_trend_item(item: object, limits: Limits,
     low, high = _value(lo, "min", limits), _value(hi, "max", limits)
     if low > high:
         raise Refused("bad_field", "min is greater than max")
-    if len(centroids) and digest.outside(centroids, low, high):
+    if len(centroids) and digest.outside(centroids, low, high,
+                                         known_sketch=digest.encodes_sketch(blob)):
         raise Refused("bad_digest", "a bucket (or centroid) lies outside [min, max]")
     with np.errstate(over="ignore"):  # absurd weights overflow to inf and are refused below
         weight = float(np.sum(centroids[:, 1]))

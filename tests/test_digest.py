@@ -436,6 +436,9 @@ def test_decoded_digest_is_writable_and_independent() -> None:
     b"\xd5k\x01\x00" + struct.pack("<IIQ", 0, 3, 0) + bytes(10),  # too short
     b"\xd5k\x01\x00" + struct.pack("<IIQ", 0, 2, 0) + struct.pack("<iiII", 5, 4, 1, 1),
     b"\xd5k\x01\x00" + struct.pack("<IIQ", 0, 1, 0) + struct.pack("<iI", 5, 0),
+    # bucket indices no double falls in (the table of representatives ends before)
+    b"\xd5k\x01\x00" + struct.pack("<IIQ", 0, 1, 0) + struct.pack("<iI", 2**31 - 1, 5),
+    b"\xd5k\x01\x00" + struct.pack("<IIQ", 1, 0, 0) + struct.pack("<iI", -2**31, 5),
 ])
 def test_decode_refuses_what_is_neither_form(data: bytes) -> None:
     with pytest.raises(ValueError, match="sketch|pairs"):

@@ -426,6 +426,9 @@ TREND_REFUSALS = [
     ("digest list", lambda i: with_field(i, 8, [[1.0, 4.0]]), "bad_field"),
     ("digest ragged", lambda i: with_field(i, 8, blob([(1.0, 4.0)]) + b"\x00"), "bad_digest"),
     ("digest empty", lambda i: with_field(i, 8, b""), "bad_digest"),
+    ("sketch index no double has",
+     lambda i: with_field(i, 8, b"\xd5k\x01\x00" + struct.pack("<IIQ", 0, 1, 0)
+                          + struct.pack("<iI", 2**31 - 1, 4)), "bad_digest"),
     ("nan mean", lambda i: with_field(i, 8, blob([(1.0, 1.0), (NAN, 3.0)])), "bad_digest"),
     ("inf mean", lambda i: with_field(i, 8, blob([(1.0, 1.0), (INF, 3.0)])), "bad_digest"),
     ("inf weight", lambda i: with_field(i, 8, blob([(1.0, 1.0), (2.0, INF)])), "bad_digest"),
