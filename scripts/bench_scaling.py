@@ -11,6 +11,7 @@ both servers are fed at the same time. The in-process loop (parse + merge + the 
 values, one core) is measured in the same run as the ceiling of one process.
 
     python -m scripts.bench_scaling [--producers 16] [--series 1500] [--rounds 3]
+                                    [--distinct]
 """
 
 from __future__ import annotations
@@ -58,9 +59,13 @@ def split(items: list[list[Any]], servers: list[str]) -> list[list[list[Any]]]:
     return shares
 
 
-def burst_items(producer: int, series: int, bucket: int, pool: list[Any]) -> list[list[Any]]:
+def burst_items(producer: int, series: int, bucket: int, pool: list[Any],
+                distinct: bool = False) -> list[list[Any]]:
+    """The producer's partials of one bucket: the same series as every other producer's,
+    or (``distinct``) series of its own."""
+    first = producer * series if distinct else 0
     items = []
-    for s in range(series):
+    for s in range(first, first + series):
         d = pool[(producer * 31 + s * 7) % len(pool)]
         items.append(["http_req_duration", series_tags(s), bucket, BUCKET_SECONDS, d.count,
                       d.total, d.lo, d.hi, d.blob, 0])
@@ -95,7 +100,7 @@ async def burst(addresses: list[tuple[str, int]], run_id: str,
 
 
 async def measure(servers: int, dsn: str, root: Path, producers: int, series: int,
-                  rounds: int) -> dict[str, Any]:
+                  rounds: int, distinct: bool) -> dict[str, Any]:
     started = [await harness.start_server("td_server", dsn, root / f"{servers}-{i}",
                                           "--grace", "0", "--flush-interval", "0.1",
                                           metrics_listen="", env=child_env())
@@ -108,7 +113,7 @@ async def measure(servers: int, dsn: str, root: Path, producers: int, series: in
         for r in range(rounds):
             run_id = f"scale-{servers}-{r}-{time.time_ns()}"
             bucket = (int(time.time()) // BUCKET_SECONDS - 1) * BUCKET_SECONDS
-            items = [burst_items(p, series, bucket, pool) for p in range(producers)]
+            items = [burst_items(p, series, bucket, pool, distinct) for p in range(producers)]
             samples = sum(item[4] for mine in items for item in mine)
             shares = [split(mine, names) for mine in items]
             per_server = [[frames_of(shares[p][s], ITEMS_PER_FRAME) for p in range(producers)]
@@ -136,18 +141,21 @@ async def main() -> None:
     parser.add_argument("--producers", type=int, default=16)
     parser.add_argument("--series", type=int, default=1500, help="series per producer")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--distinct", action="store_true",
+                        help="each producer's series are its own (a row per partial)")
     args = parser.parse_args()
     pool = digest_pool(64)
     bucket = (int(time.time()) // BUCKET_SECONDS - 1) * BUCKET_SECONDS
-    sample = [burst_items(p, args.series, bucket, pool) for p in range(args.producers)]
+    sample = [burst_items(p, args.series, bucket, pool, args.distinct)
+              for p in range(args.producers)]
     frames = [frames_of(items, ITEMS_PER_FRAME) for items in sample]
     ceiling = args.producers * args.series / min(
         in_process(frames) for _ in range(2))
     with tempfile.TemporaryDirectory(prefix="tdagg-scaling-") as tmp, \
             harness.temporary_postgres() as postgres:
         dsn = await postgres.create_database("scaling")
-        results = [await measure(n, dsn, Path(tmp), args.producers, args.series, args.rounds)
-                   for n in (1, 2, 1, 2)]
+        results = [await measure(n, dsn, Path(tmp), args.producers, args.series, args.rounds,
+                                 args.distinct) for n in (1, 2, 1, 2)]
     print(f"in-process loop (one core, parse + merge + row values): {ceiling:,.0f} digests/s")
     for n in (1, 2):
         runs = [r for r in results if r["servers"] == n]

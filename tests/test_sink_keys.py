@@ -198,8 +198,9 @@ async def table_contents(conn: asyncpg.Connection, table: str) -> list[tuple[Any
     """Every row but tags_hash, in a stable order, with each row's version (xmin)."""
     rows = await conn.fetch(f"SELECT xmin::text::bigint AS version, * FROM {table} "
                             "ORDER BY tags::text, bucket")
-    # sum_rest: a column an upgrade adds (NULL: the stored sums are taken as exact).
-    return [tuple(v for k, v in row.items() if k not in ("tags_hash", "sum_rest"))
+    # sum_rest and writer_pos: columns an upgrade adds (NULL: the stored sums are taken as
+    # exact; '{}': the row's wal_pos is its one writer's).
+    return [tuple(v for k, v in row.items() if k not in ("tags_hash", "sum_rest", "writer_pos"))
             for row in rows]
 
 
@@ -214,6 +215,8 @@ async def test_tables_keyed_on_tags_are_upgraded_in_place(dsn: str, table: str) 
         await create_schema(conn)  # a second start finds nothing to do and rewrites nothing
         assert await table_contents(conn, table) == upgraded
         assert [row[1:] for row in upgraded] == [row[1:] for row in before]  # data kept
+        assert await conn.fetchval(  # each row's wal_pos stays its one writer's
+            f"SELECT count(*) FROM {table} WHERE writer_pos = '{{}}'") == len(before)
         assert await index_names(conn, table) == {f"{table}_key"}
         assert await conn.fetchval(
             "SELECT count(*) FROM pg_constraint WHERE conrelid = $1::regclass "
@@ -289,8 +292,8 @@ async def lookup_plans(conn: asyncpg.Connection, sql: str, args: tuple[Any, ...]
         await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
         # EXECUTE takes no parameters of its own: its arguments go in as quoted literals.
         execute = await conn.fetchval(
-            "SELECT format('EXECUTE lookup(%L, %L, %L, %L)', $1::text[], $2::text[],"
-            " $3::text[], $4::bigint[])", *args)
+            "SELECT format('EXECUTE lookup(%L, %L, %L, %L, %L)', $1::text[], $2::text[],"
+            " $3::text[], $4::bigint[], $5::text)", *args)
         generic = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {execute}")
         await conn.execute("DEALLOCATE lookup")
     return [orjson.loads(custom)[0]["Plan"], orjson.loads(generic)[0]["Plan"]]
@@ -304,7 +307,7 @@ async def test_key_lookups_probe_the_unique_index_whatever_the_statistics(
         await conn.execute(FILL[table], BUCKET, SERIES_PER_BUCKET)
         # A late batch: half of its keys stored, half not.
         batch = [key(f"s{i}") for i in range(SERIES_PER_BUCKET - 500, SERIES_PER_BUCKET + 500)]
-        args = key_arrays(batch)
+        args = (*key_arrays(batch), "writer-1")  # the keys, then the writer's id
 
         async def check(statistics: str) -> None:
             for sql in (sink.select_stored, sink.select_positions):
@@ -320,7 +323,7 @@ async def test_key_lookups_probe_the_unique_index_whatever_the_statistics(
         await check("analysed")
         # Statistics that know nothing of the bucket a batch goes to.
         await conn.execute(FILL[table], BUCKET + WIDTH, SERIES_PER_BUCKET)
-        args = key_arrays([k[:3] + (BUCKET + WIDTH,) for k in batch])
+        args = (*key_arrays([k[:3] + (BUCKET + WIDTH,) for k in batch]), "writer-1")
         await check("stale")
 
 
