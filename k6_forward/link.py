@@ -299,13 +299,18 @@ class ServerLink:
         self.spool.discard_through(seq)
         self._room_freed()
 
-    def _on_refused(self, seq: int, reason: str) -> None:
+    def _remove(self, seq: int) -> bytes | None:
+        """Take frame ``seq`` out of memory or the spool (None: held by neither)."""
         frame = self.memory.pop(seq, None)
         if frame is not None:
             self.memory_bytes -= len(frame)
         elif seq in self.spool:
             frame = self.spool.read(seq)
             self.spool.discard(seq)
+        return frame
+
+    def _on_refused(self, seq: int, reason: str) -> None:
+        frame = self._remove(seq)
         if frame is not None:
             items = protocol.unpack(frame[4:]).get("items") or []
             self.refused_items[reason] += len(items)
@@ -318,15 +323,9 @@ class ServerLink:
         among them are dropped: the other servers of the role got theirs."""
         items: list[list[Any]] = []
         for seq in range(self._ever_sent + 1, self.next_seq):
-            frame = self.memory.pop(seq, None)
+            frame = self._remove(seq)
             if frame is not None:
-                self.memory_bytes -= len(frame)
-            elif seq in self.spool:
-                frame = self.spool.read(seq)
-                self.spool.discard(seq)
-            else:
-                continue
-            items += protocol.unpack(frame[4:]).get("items") or []
+                items += protocol.unpack(frame[4:]).get("items") or []
         self._room_freed()
         return items
 
