@@ -132,10 +132,6 @@ def insert_new_sql(table: str, value_columns: Sequence[str]) -> str:
             f"ON CONFLICT (run_id, metric, bucket, tags_hash) DO NOTHING")
 
 
-def _lock_order(key: BucketKey) -> tuple[int, str, str, str]:
-    return (key[3], key[0], key[1], tags_json(key[2]))
-
-
 def _float8_array_text(values: Sequence[float] | None) -> str | None:
     return None if not values else "{" + ",".join(repr(float(v)) for v in values) + "}"
 
@@ -201,8 +197,10 @@ class PgBucketWriter(BucketWriter):
     async def _write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:
         # One order of keys for every writer: two writers locking the same rows cannot
         # deadlock over the order they lock them in.
-        keys = sorted(entries, key=_lock_order)
-        arrays = key_arrays(keys)
+        tags = {key: tags_json(key[2]) for key in entries}
+        keys = sorted(entries, key=lambda k: (k[3], k[0], k[1], tags[k]))
+        arrays = ([k[0] for k in keys], [k[1] for k in keys], [tags[k] for k in keys],
+                  [k[3] for k in keys])
         agg = self.aggregator
         conn = await self.pool.acquire()
         try:
