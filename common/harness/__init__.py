@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -85,7 +86,14 @@ class Postgres:
         if self.server is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.server.cleanup()
+                pgdata = self.pgdata
+                try:
+                    self.server.cleanup()
+                except OSError:
+                    # The server was stopped, but a process of it still wrote pg_wal
+                    # while the directory was removed: remove the rest once it has gone.
+                    time.sleep(1.0)
+                    shutil.rmtree(pgdata, ignore_errors=True)
             self.server = None
         if self._runtime_set:
             os.environ.pop("XDG_RUNTIME_DIR", None)
