@@ -20,6 +20,7 @@ from common.redact import (
 )
 from common.server import AggregatorServer
 from common.store import StoreError, open_store
+from common.supervisor import stray_logs, stray_warning, supervise
 from common.wal import StateDirError, WalWriteError
 
 T = TypeVar("T")
@@ -35,6 +36,15 @@ database selection:
   process), or memory://NAME (in this process only, gone at exit: to try the pipeline).
 
 On SIGTERM or SIGINT the server stops accepting, writes every open bucket and exits 0.
+
+several processes (--processes N, N > 1):
+  This process starts N servers, each this program with --processes 1: server i listens
+  on the --listen port + i, serves /metrics on the --metrics-listen port + i (port 0
+  stays 0) and keeps its state in STATE_DIR/i (STATE_DIR: --state-dir or its default).
+  Their output comes through prefixed with [i]; once all are ready, a line names the
+  list to give k6-forward (--td or --non-td). A server that dies is started again after
+  a short delay; SIGTERM or SIGINT is passed on to them all (a second one kills them),
+  and this process exits once they have exited: 0 if all exited 0.
 """
 
 
@@ -62,6 +72,13 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
 def run_server(prog: str, description: str, aggregator: Any, config_cls: type[ServerConfig],
                argv: Sequence[str] | None = None) -> int:
     config, _ = load(config_cls, prog, f"{description}\n\n{EPILOG}", argv)
+    state_dir = config.state_dir or config.data_dir / f"{aggregator.role}_server"
+    if config.processes > 1:  # common.supervisor: N servers, each this with --processes 1
+        return supervise(prog, aggregator.role, type(aggregator).__module__.split(".")[0],
+                         sys.argv[1:] if argv is None else argv, config.processes,
+                         config.listen, config.metrics_listen, state_dir)
+    for directory in stray_logs(state_dir, 1):
+        print(stray_warning(prog, directory), file=sys.stderr, flush=True)
     secrets = known_secrets(config.dsn)
     # Every log line passes the redaction too: asyncpg's errors may echo the DSN.
     formatter = RedactingFormatter(f"{prog}: %(levelname)s %(message)s", secrets)

@@ -76,6 +76,18 @@ def _at_least(text: Any, low: int) -> int:
     return value
 
 
+MAX_PROCESSES = 64
+
+
+def _processes(text: Any) -> int:
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        raise ValueError(f"expected an integer, got {type(text).__name__}")
+    value = int(text)
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ValueError(f"expected an integer from 1 to {MAX_PROCESSES}")
+    return value
+
+
 def _non_negative_float(text: Any) -> float:
     if isinstance(text, bool) or not isinstance(text, int | float | str):
         raise ValueError(f"expected a number, got {type(text).__name__}")
@@ -157,6 +169,11 @@ def _field(default: Any, parse: Callable[[Any], Any], help: str, form: str,
 class ServerConfig:
     listen: tuple[str, int] = _field(
         ("127.0.0.1", 7410), parse_hostport, "address to accept forwarders on", "HOST:PORT")
+    processes: int = _field(
+        1, _processes,
+        "how many servers to run, on consecutive ports (one core each); with N > 1 this "
+        "process starts and supervises them: see 'several processes' below",
+        f"1..{MAX_PROCESSES}")
     dsn: str | None = _field(
         None, _optional_text,
         "where rows are stored: postgresql:// or postgres:// (PostgreSQL or TimescaleDB), "

@@ -39,8 +39,8 @@ def write_toml(tmp_path: Path, text: str) -> Path:
 
 
 SERVER_SETTINGS = {
-    "listen", "dsn", "data_dir", "bucket_seconds", "retention_days", "compress_after_days",
-    "grace", "flush_interval", "state_dir",
+    "listen", "processes", "dsn", "data_dir", "bucket_seconds", "retention_days",
+    "compress_after_days", "grace", "flush_interval", "state_dir",
     "wal_fsync", "max_frame_bytes", "max_items_per_frame", "max_name_length", "max_tags",
     "max_tag_length", "max_series_per_run", "max_bucket_age", "max_bucket_ahead",
     "max_queued_buckets", "max_connections", "max_buffered_bytes", "hello_timeout",

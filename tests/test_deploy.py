@@ -458,11 +458,25 @@ def service_environment(name: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def container_ports(name: str) -> set[int]:
-    ports = set()
+def port_range(text: str) -> list[int]:
+    """"7410" or a range, "7410-7413"."""
+    first, _, last = text.partition("-")
+    return list(range(int(first), int(last or first) + 1))
+
+
+def published_ports(name: str) -> dict[int, int]:
+    """Host port -> container port, from "[IP:]HOST:CONTAINER" entries (or ranges)."""
+    ports: dict[int, int] = {}
     for entry in service(name).get("ports", []):
-        ports.add(int(str(entry).rsplit(":", 1)[-1].split("/")[0]))
+        parts = str(entry).split("/")[0].split(":")
+        host, container = port_range(parts[-2]), port_range(parts[-1])
+        assert len(host) == len(container), entry
+        ports.update(zip(host, container, strict=True))
     return ports
+
+
+def container_ports(name: str) -> set[int]:
+    return set(published_ports(name).values())
 
 
 def mounts(name: str) -> dict[str, str]:
@@ -557,6 +571,8 @@ def test_compose_references_and_pinned_images() -> None:
         for dependency, condition in (svc.get("depends_on") or {}).items():
             assert condition["condition"] == "service_healthy", (name, dependency)
             assert "healthcheck" in services[dependency], f"{dependency} has no healthcheck"
+    host_ports = [port for name in services for port in published_ports(name)]
+    assert len(host_ports) == len(set(host_ports)), "two services publish one host port"
     assert service("db")["image"].startswith("timescale/timescaledb:")
     assert service("grafana")["image"].startswith("grafana/grafana-oss:")
     test = service("db")["healthcheck"]["test"]
@@ -572,9 +588,13 @@ def test_compose_server_agrees_with_configuration(name: str) -> None:
     assert config.metrics_listen is not None
     metrics_host, metrics_port = config.metrics_listen
     assert metrics_host == "0.0.0.0"
-    assert (port, metrics_port) == (default_of(cls, "listen")[1],
-                                    default_of(cls, "metrics_listen")[1])
-    assert {port, metrics_port} <= container_ports(name)
+    if name == "td-server":  # a forwarder's default --td reaches its first server
+        assert (port, metrics_port) == (default_of(cls, "listen")[1],
+                                        default_of(cls, "metrics_listen")[1])
+    # Every server of the service (--processes: server i on the ports + i) is published.
+    assert config.processes >= 1
+    served = {first + i for first in (port, metrics_port) for i in range(config.processes)}
+    assert served <= container_ports(name), (served, container_ports(name))
     assert healthcheck_url_port(name) == metrics_port
     # The write-ahead log lives on a named volume.
     assert config.state_dir is not None
