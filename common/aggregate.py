@@ -51,19 +51,40 @@ class Aggregator(Protocol[P, S]):
 
 
 class Entry(Generic[S]):
-    """A bucket state with the write-ahead-log span it holds.
+    """A bucket state with the write-ahead-log span it holds and the frames it came from.
 
-    ``first_segment`` keeps the log segments it came from alive until it is written;
-    ``last_position`` is stored with the row, so that a replay after a crash skips what
-    the row already contains.
+    ``first_segment`` keeps the log segments it came from alive until it is written, and
+    ``first_position`` tells which frames are not in the database yet (a forwarder keeps
+    those); ``last_position`` is stored with the row, so that a replay after a crash skips
+    what the row already contains.
+
+    ``sources``: per stream (a producer's frames to one server), the lowest and highest
+    seq merged into ``state``. ``doubtful``: items that may already be in the row (sent
+    again after a server was lost, or replayed from the log), kept apart as (stream, seq,
+    partial, producer) and merged at the write only if the row's seq for their stream is
+    below theirs. ``state`` is None while the entry holds doubtful items only.
     """
 
-    __slots__ = ("state", "first_segment", "last_position")
+    __slots__ = ("state", "first_segment", "first_position", "last_position", "sources",
+                 "doubtful", "written")
 
-    def __init__(self, state: S, first_segment: int, last_position: int) -> None:
+    def __init__(self, state: S | None, first_segment: int, last_position: int,
+                 first_position: int | None = None) -> None:
         self.state = state
         self.first_segment = first_segment
+        self.first_position = last_position if first_position is None else first_position
         self.last_position = last_position
+        self.sources: dict[str, list[int]] = {}
+        self.doubtful: list[tuple[str, int, Any, str]] = []
+        self.written: S | None = None  # what the last write added to the row
+
+    def add_source(self, source: str, seq: int) -> None:
+        span = self.sources.get(source)
+        if span is None:
+            self.sources[source] = [seq, seq]
+        else:
+            span[0] = min(span[0], seq)
+            span[1] = max(span[1], seq)
 
 
 class OpenBuckets(Generic[P, S]):
@@ -75,21 +96,38 @@ class OpenBuckets(Generic[P, S]):
         self.entries: dict[BucketKey, Entry[S]] = {}
 
     def merge(self, run_id: str, producer: str, partial: P, position: int = 0,
-              segment: int = 0) -> None:
+              segment: int = 0, source: str | None = None, seq: int = 0,
+              doubtful: bool = False) -> None:
+        """Merge a partial from log ``position``; with ``source``, from frame ``seq`` of
+        that stream (kept apart when ``doubtful``)."""
         key = self.aggregator.key_of(run_id, partial)
         entry = self.entries.get(key)
         if entry is None:
-            self.entries[key] = Entry(self.aggregator.new_state(partial, producer), segment,
-                                      position)
+            state = None if doubtful else self.aggregator.new_state(partial, producer)
+            entry = self.entries[key] = Entry(state, segment, position)
         else:
-            self.aggregator.add(entry.state, partial, producer)
+            if not doubtful:
+                if entry.state is None:
+                    entry.state = self.aggregator.new_state(partial, producer)
+                else:
+                    self.aggregator.add(entry.state, partial, producer)
+            entry.first_position = min(entry.first_position, position)
             entry.last_position = max(entry.last_position, position)
+        if doubtful:
+            entry.doubtful.append((source or "", seq, partial, producer))
+        elif source is not None:
+            entry.add_source(source, seq)
 
     def take_closable(self, now: float, grace: float) -> dict[BucketKey, Entry[S]]:
         """Swap out every bucket whose end + grace has passed (wall clock)."""
         close_before = now - grace - self.bucket_seconds
         closable = [key for key in self.entries if key[3] <= close_before]
         return {key: self.entries.pop(key) for key in closable}
+
+    def take_run(self, run_id: str) -> dict[BucketKey, Entry[S]]:
+        """Swap out every bucket of one run, whatever its time."""
+        keys = [key for key in self.entries if key[0] == run_id]
+        return {key: self.entries.pop(key) for key in keys}
 
     def take_all(self) -> dict[BucketKey, Entry[S]]:
         entries, self.entries = self.entries, {}
@@ -100,6 +138,15 @@ class OpenBuckets(Generic[P, S]):
 
 
 def absorb_entry(aggregator: Aggregator[Any, S], into: Entry[S], other: Entry[S]) -> None:
-    aggregator.absorb(into.state, other.state)
+    if other.state is not None:
+        if into.state is None:
+            into.state = other.state
+        else:
+            aggregator.absorb(into.state, other.state)
     into.first_segment = min(into.first_segment, other.first_segment)
+    into.first_position = min(into.first_position, other.first_position)
     into.last_position = max(into.last_position, other.last_position)
+    for source, (low, high) in other.sources.items():
+        into.add_source(source, low)
+        into.add_source(source, high)
+    into.doubtful += other.doubtful

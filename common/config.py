@@ -289,6 +289,11 @@ class ForwarderConfig:
         10.0, _non_negative_float,
         "with several servers of a role: a server unreachable this long has its series "
         "sent to the next server in hash order until it is back", "SECONDS")
+    commit_timeout: float = _field(
+        120.0, _non_negative_float,
+        "at the end, once the servers have logged every frame, wait at most this long for "
+        "them to say it is in the database (a server whose disk is lost meanwhile has it "
+        "sent again); then say what is logged only, and exit", "SECONDS")
     run_id: str | None = _field(
         None, _optional_text, "run id shared by all generators of one test (default: fresh)",
         "ID")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from common import protocol
 from common.live_thresholds import parse_items
-from common.wal import WalWriteError, segment_of
+from common.wal import WalWriteError
 
 if TYPE_CHECKING:
     from common.server import AggregatorServer
@@ -45,8 +45,13 @@ class Connection:
         self.hello: protocol.Hello | None = None
         self.buffered = 0  # this connection's share of server.buffered_bytes
         self.hello_deadline = asyncio.get_running_loop().time() + server.config.hello_timeout
-        # Logged frames of the current read, merged once the log commit succeeds.
-        self.logged: list[tuple[list[Any] | protocol.Generator, int]] = []
+        # Logged frames of the current read, merged once the log commit succeeds: payload,
+        # log position, seq, and for data its stream, its seq there, and whether it may be
+        # stored already.
+        self.logged: list[tuple[list[Any] | protocol.Generator, int, int, str, int, bool]] = []
+        # Frames up to this seq may already be in the database (sent to a lost server).
+        self.doubtful_through = 0
+        self._streams: dict[str, str] = {}
 
     def refuse(self, exc: protocol.Refused, seq: int | None, fatal: bool = False) -> None:
         self.server.stats.refused[exc.reason] += 1
@@ -124,6 +129,8 @@ class Connection:
         finally:
             self._set_buffered(0)
             self.server.unwatch(self)
+            if self.hello is not None and self.server.confirming.get(self.hello.producer) is self:
+                del self.server.confirming[self.hello.producer]
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
@@ -151,14 +158,24 @@ class Connection:
             return False
         server.log_error = None
         assert self.hello is not None or not logged
-        for payload, position in logged:
+        for payload, position, seq, stream, stream_seq, doubtful in logged:
             assert self.hello is not None
+            server.logged_frame(self.hello.producer, position, seq)
             if isinstance(payload, protocol.Generator):
-                server.generators.note(self.hello.run_id, self.hello.producer, payload,
-                                       segment_of(position))
+                server.note_generator(self.hello.run_id, self.hello.producer, payload,
+                                      position)
             else:
-                server.merge(self.hello.run_id, self.hello.producer, payload, position)
+                server.merge(self.hello.run_id, self.hello.producer, payload, position,
+                             stream, stream_seq, doubtful)
         return True
+
+    def stream(self, source: str) -> str:
+        """The row's name for this producer's stream ``source`` (cached per connection)."""
+        key = self._streams.get(source)
+        if key is None:
+            assert self.hello is not None
+            key = self._streams[source] = protocol.stream_key(self.hello.producer, source)
+        return key
 
     def handle(self, body: bytes) -> int | None:
         """Process one frame; return the seq to acknowledge (0 for none), None to close."""
@@ -182,7 +199,7 @@ class Connection:
                 if not self._new_seq(seq):
                     return seq
                 position = server.wal.append(producer, self.hello.run_id, seq, body)
-                self.logged.append((generator, position))
+                self.logged.append((generator, position, seq, "", 0, False))
                 return seq
             frame = protocol.parse_data(message, server.limits)
             seq = frame.seq
@@ -192,9 +209,16 @@ class Connection:
             if refusals:
                 self.writer.write(protocol.items_refused(seq, refusals))
                 # The log holds what was accepted, so that a replay merges just that.
-                body = protocol.data_body(seq, [item for _, item in accepted])
+                body = protocol.data_body(seq, [item for _, item in accepted], frame.source,
+                                          frame.source_seq)
             position = server.wal.append(producer, self.hello.run_id, seq, body)
-            self.logged.append(([partial for partial, _ in accepted], position))
+            # Moved from another server, or sent before to this one when it had lost its
+            # log: the items may be stored already, and are checked at the write.
+            moved = frame.source_seq is not None
+            self.logged.append(([partial for partial, _ in accepted], position, seq,
+                                self.stream(frame.source),
+                                seq if frame.source_seq is None else frame.source_seq,
+                                moved or seq <= self.doubtful_through))
             return seq
         except protocol.Refused as exc:
             fatal = self.hello is None
@@ -230,6 +254,10 @@ class Connection:
                 "producer_taken", f"producer {hello.producer[:40]!r} belongs to another "
                 "forwarder (its producer key differs)")
         self.hello = hello
+        if hello.sent_before and not server.wal.last_seq(hello.producer):
+            # This server does not know the producer, which has sent to it before: it lost
+            # its state directory, maybe after storing some of those frames.
+            self.doubtful_through = hello.sent_before
         return 0
 
     async def _welcome(self) -> bool:
@@ -242,8 +270,13 @@ class Connection:
             self.refuse(protocol.Refused("rerun", rerun), None, fatal=True)
             return False
         self.decoder.max_frame_bytes = server.limits.max_frame_bytes
+        producer = self.hello.producer
+        committed = None
+        if self.hello.confirm:
+            server.confirming[producer] = self
+            committed = server.committed_seq(producer)
         self.writer.write(protocol.welcome(server.aggregator.role,
-                                           server.wal.last_seq(self.hello.producer)))
+                                           server.wal.last_seq(producer), committed))
         return True
 
 

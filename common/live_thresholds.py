@@ -133,11 +133,13 @@ class RunState:
 
 def written_rows(aggregator: Aggregator[Any, Any], bucket_seconds: int,
                  entries: Mapping[BucketKey, Entry[Any]]) -> dict[str, list[Row]]:
-    """What a write added to each run: every entry's state, whether it made a new row or
-    was merged into a stored one (late data)."""
+    """What a write added to each run: what every entry added (BucketWriter.contribution),
+    whether it made a new row or was merged into a stored one (late data)."""
     rows: dict[str, list[Row]] = {}
     for (run_id, metric, tags, bucket), entry in entries.items():
-        state = entry.state
+        state = entry.written
+        if state is None:
+            continue
         centroids = None
         if aggregator.role == "td":  # the merged sketch as is, not encoded and decoded
             parts = state.parts

@@ -107,6 +107,12 @@ class Hello(NamedTuple):
     # whether the user wants it added again to a run that already holds it.
     input_id: str | None = None
     append: bool = False
+    # The forwarder keeps frames until ``committed`` (their buckets are in the database),
+    # not only until ``ack``; the server then sends ``committed`` frames.
+    confirm: bool = False
+    # The highest seq this forwarder had written to any connection for this server
+    # before this hello: a frame up to it may already be in the database.
+    sent_before: int = 0
 
 
 class Generator(NamedTuple):
@@ -139,6 +145,13 @@ class ItemRefusal(NamedTuple):
 class Data(NamedTuple):
     seq: int
     items: list[Any]
+    # The stream the items were first numbered in: the forwarder's name for the server it
+    # sent them to ("" when not said), and their seq there when they are moved from it to
+    # another server of the role (None: this frame's own seq). Rows remember, per
+    # producer and stream, the last seq they hold, so that a frame stored by a lost
+    # server and sent again is not counted twice.
+    source: str = ""
+    source_seq: int | None = None
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -151,9 +164,13 @@ def frame(message: dict[str, Any]) -> bytes:
 
 def hello(producer: str, run_id: str, role: str, token: str | None = None,
           producer_key: str | None = None, input_id: str | None = None,
-          append: bool = False) -> bytes:
+          append: bool = False, confirm: bool = False, sent_before: int = 0) -> bytes:
     message: dict[str, Any] = {"type": "hello", "version": PROTOCOL_VERSION,
                                "producer": producer, "run": run_id, "role": role}
+    if confirm:
+        message["confirm"] = True
+    if sent_before:
+        message["sent_before"] = sent_before
     if token is not None:
         message["token"] = token
     if producer_key is not None:
@@ -165,13 +182,22 @@ def hello(producer: str, run_id: str, role: str, token: str | None = None,
     return frame(message)
 
 
-def welcome(role: str, last_seq: int) -> bytes:
-    return frame({"type": "welcome", "version": PROTOCOL_VERSION, "role": role,
-                  "last_seq": last_seq})
+def welcome(role: str, last_seq: int, committed: int | None = None) -> bytes:
+    message: dict[str, Any] = {"type": "welcome", "version": PROTOCOL_VERSION, "role": role,
+                               "last_seq": last_seq}
+    if committed is not None:
+        message["committed"] = committed
+    return frame(message)
 
 
-def data(seq: int, items: list[list[Any]]) -> bytes:
-    return frame({"type": "data", "seq": seq, "items": items})
+def data(seq: int, items: list[list[Any]], source: str = "",
+         source_seq: int | None = None) -> bytes:
+    message: dict[str, Any] = {"type": "data", "seq": seq, "items": items}
+    if source:
+        message["source"] = source
+    if source_seq is not None:
+        message["source_seq"] = source_seq
+    return frame(message)
 
 
 def generator(g: Generator) -> bytes:
@@ -185,6 +211,7 @@ def generator(g: Generator) -> bytes:
 
 
 MAX_THRESHOLDS = 1000
+MAX_SOURCE_LENGTH = 256
 MAX_SUM_TERMS = 40  # common.exactsum.MAX_TERMS
 MAX_THRESHOLD_TEXT = 1024
 
@@ -226,15 +253,25 @@ def verdicts(run_id: str, through: float | None, final: bool,
                   "results": results})
 
 
-def data_body(seq: int, items: list[Any]) -> bytes:
+def data_body(seq: int, items: list[Any], source: str = "",
+              source_seq: int | None = None) -> bytes:
     """A data frame's body without the length prefix (``items`` may be empty here)."""
-    body: bytes = msgpack.packb({"type": "data", "seq": seq, "items": items},
-                                use_bin_type=True)
-    return body
+    return data(seq, items, source, source_seq)[4:]
 
 
 def ack(seq: int) -> bytes:
     return frame({"type": "ack", "seq": seq})
+
+
+def stream_key(producer: str, source: str) -> str:
+    """The name rows keep for a stream (a producer's frames numbered for one server)."""
+    text = f"{producer}\0{source}".encode(errors="surrogatepass")
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
+
+
+def committed(seq: int) -> bytes:
+    """Every frame of the producer up to ``seq`` is in the database (not only logged)."""
+    return frame({"type": "committed", "seq": seq})
 
 
 def error(reason: str, detail: str, seq: int | None = None, fatal: bool = False,
@@ -501,6 +538,10 @@ def parse_hello(message: dict[str, Any], limits: Limits) -> Hello:
     append = message.get("append", False)
     if type(append) is not bool:
         raise Refused("bad_field", "append must be true or false")
+    confirm = message.get("confirm", False)
+    if type(confirm) is not bool:
+        raise Refused("bad_field", "confirm must be true or false")
+    sent_before = _int(message.get("sent_before", 0), "sent_before", 0)
     return Hello(
         producer=_text(message.get("producer"), "producer", limits.max_name_length),
         run_id=_text(message.get("run"), "run", limits.max_name_length),
@@ -509,6 +550,8 @@ def parse_hello(message: dict[str, Any], limits: Limits) -> Hello:
         producer_key=key,
         input_id=input_id,
         append=append,
+        confirm=confirm,
+        sent_before=sent_before,
     )
 
 
@@ -521,7 +564,13 @@ def parse_data(message: dict[str, Any], limits: Limits) -> Data:
         raise Refused("bad_field", "items must be a non-empty list")
     if len(items) > limits.max_items_per_frame:
         raise Refused("too_many_items", f"{len(items)} items, limit {limits.max_items_per_frame}")
-    return Data(seq, items)
+    source = message.get("source", "")
+    if source != "":
+        source = _text(source, "source", MAX_SOURCE_LENGTH)
+    source_seq = message.get("source_seq")
+    if source_seq is not None:
+        source_seq = _int(source_seq, "source_seq", 1)
+    return Data(seq, items, source, source_seq)
 
 
 def parse_generator(message: dict[str, Any], limits: Limits) -> Generator:

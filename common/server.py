@@ -13,7 +13,7 @@ import signal
 import ssl
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -29,7 +29,7 @@ from common.notify import notify, watchdog_interval
 from common.quarantine import QUARANTINE_FILE, Quarantine
 from common.selfmetrics import Histogram, MetricsEndpoint, exposition
 from common.store import BucketWriter, Policies, Store, StoreError
-from common.wal import WriteAheadLog, segment_of
+from common.wal import WriteAheadLog, first_position_of, segment_of
 from td_report.thresholds import Threshold
 
 log = logging.getLogger("tdagg.server")
@@ -137,6 +137,13 @@ class AggregatorServer:
         # (first segment, last position) to rebuild each from once it is back.
         self.spilled: dict[BucketKey, tuple[int, int]] = {}
         self.generators = GeneratorLedger(config.bucket_seconds)
+        # Per run, the producers whose generator has started and not ended.
+        self.running: dict[str, set[str]] = {}
+        # Per producer, its logged frames not known to be in the database yet, as (log
+        # position, seq), oldest first; and the connection of each producer that wants
+        # to hear once they are (protocol "committed").
+        self.uncommitted: dict[str, deque[tuple[int, int]]] = {}
+        self.confirming: dict[str, Connection] = {}
         self.live = LiveThresholds(aggregator.role, self._push_verdicts)
         self.watchers: dict[str, set[Connection]] = {}  # run -> connections that judge it
         self.series: dict[str, set[tuple[str, Any]]] = {}
@@ -261,12 +268,64 @@ class AggregatorServer:
             log.warning("limit %s reached: %s (counted in tdagg_limit_hits_total)", cap,
                         detail)
 
-    def merge(self, run_id: str, producer: str, partials: list[Any], position: int) -> None:
+    def merge(self, run_id: str, producer: str, partials: list[Any], position: int,
+              stream: str | None = None, seq: int = 0, doubtful: bool = False) -> None:
         segment = segment_of(position)
         for partial in partials:
-            self.open.merge(run_id, producer, partial, position, segment)
+            self.open.merge(run_id, producer, partial, position, segment, stream, seq,
+                            doubtful)
             self.stats.samples += self.aggregator.samples(partial)
         self.stats.items += len(partials)
+
+    def note_generator(self, run_id: str, producer: str, generator: protocol.Generator,
+                       position: int) -> None:
+        """Keep a generator frame for its row. Once every generator of the run that this
+        server heard start has ended, no more data is coming: the run's buckets are
+        closed now rather than at their end + grace, so that forwarders hear sooner that
+        everything is stored."""
+        self.generators.note(run_id, producer, generator, segment_of(position))
+        running = self.running.setdefault(run_id, set())
+        if generator.state == "start":
+            running.add(producer)
+            return
+        running.discard(producer)
+        if not running:
+            del self.running[run_id]
+            self._swap_out(self.open.take_run(run_id))
+
+    def logged_frame(self, producer: str, position: int, seq: int) -> None:
+        self.uncommitted.setdefault(producer, deque()).append((position, seq))
+
+    def committed_seq(self, producer: str) -> int:
+        """The producer's highest seq below which every frame this server logged is in
+        the database."""
+        waiting = self.uncommitted.get(producer)
+        if waiting:
+            return waiting[0][1] - 1
+        return self.wal.last_seq(producer)
+
+    def _confirm_committed(self) -> None:
+        """Tell each producer which of its frames are in the database now: those logged
+        before the first log position a bucket still in memory (or spilled, or a
+        generator row) holds."""
+        if not self.uncommitted:
+            return
+        horizon = min((e.first_position for e in chain(self.open.entries.values(),
+                                                        self.closing.values())),
+                      default=1 << 62)
+        segments = [first for first, _ in self.spilled.values()] + self.generators.segments()
+        if segments:
+            horizon = min(horizon, first_position_of(min(segments)))
+        for producer in list(self.uncommitted):
+            waiting = self.uncommitted[producer]
+            done = 0
+            while waiting and waiting[0][0] < horizon:
+                done = waiting.popleft()[1]
+            if not waiting:
+                del self.uncommitted[producer]
+            conn = self.confirming.get(producer)
+            if done and conn is not None and not conn.writer.is_closing():
+                conn.writer.write(protocol.committed(done))
 
     def _fit_connections_to_files(self) -> None:
         """Raise the open-files limit to its hard limit, and keep the connection cap
@@ -294,10 +353,11 @@ class AggregatorServer:
             # have logged one that this release refuses: it is counted and skipped.
             partials = []
             message = protocol.unpack(record.body)
+            self.logged_frame(record.producer, record.position, record.seq)
             if message.get("type") == "generator":
-                self.generators.note(record.run_id, record.producer,
-                                     protocol.parse_generator(message, self.limits),
-                                     segment_of(record.position))
+                self.note_generator(record.run_id, record.producer,
+                                    protocol.parse_generator(message, self.limits),
+                                    record.position)
                 continue
             for item in message.get("items") or []:
                 try:
@@ -306,20 +366,26 @@ class AggregatorServer:
                     refused += 1
                     self.stats.refused_items[exc.reason] += 1
                     self.stats.refused_samples[exc.reason] += protocol.claimed_samples(item)
-            parsed.append((record, partials))
+            parsed.append((record, partials, message))
         if refused:
             log.warning("replay: %d logged items are refused by this release's validation "
                         "(counted in tdagg_refused_items_total)", refused)
-        keys = list({self.aggregator.key_of(r.run_id, p) for r, ps in parsed for p in ps})
+        keys = list({self.aggregator.key_of(r.run_id, p) for r, ps, _ in parsed for p in ps})
         stored = await self._writer.stored_positions(keys)
         skipped = 0
-        for record, partials in parsed:
+        for record, partials, message in parsed:
             fresh = [p for p in partials
                      if stored.get(self.aggregator.key_of(record.run_id, p), -1)
                      < record.position]
             skipped += len(partials) - len(fresh)
             if fresh:
-                self.merge(record.run_id, record.producer, fresh, record.position)
+                # Doubtful: while this server was away, its forwarders may have sent these
+                # frames to another server, which may have stored them.
+                source_seq = message.get("source_seq")
+                self.merge(record.run_id, record.producer, fresh, record.position,
+                           protocol.stream_key(record.producer, message.get("source") or ""),
+                           source_seq if isinstance(source_seq, int) else record.seq,
+                           doubtful=True)
         self.stats.replayed_frames = len(records)
         log.info("replayed %d logged frames (%d items already in the database)",
                  len(records), skipped)
@@ -560,6 +626,7 @@ class AggregatorServer:
         """
         if not self.closing:
             await self._write_generators()
+            self._confirm_committed()
             return True
         assert self._writer is not None
         batch = self.closing
@@ -597,6 +664,7 @@ class AggregatorServer:
         if self.spilled and len(self.closing) < self.config.max_queued_buckets:
             await self._restore_spilled()
         await self._write_generators()
+        self._confirm_committed()
         self._release_log()
         return True
 
@@ -676,14 +744,15 @@ class AggregatorServer:
         agg = self.aggregator
         records = []
         for (run_id, metric, tags, bucket), exc in failed.items():
-            state = batch[(run_id, metric, tags, bucket)].state
+            entry = batch[(run_id, metric, tags, bucket)]
+            state = entry.state if entry.written is None else entry.written
             try:
                 values: Any = dataclasses.asdict(agg.values(state))
             except Exception as values_exc:  # the state itself is what is broken
                 values = f"{state!r} ({values_exc!r})"
             records.append({"table": TABLE_OF_ROLE[agg.role], "run_id": run_id, "metric": metric,
                             "tags": dict(tags), "bucket": bucket,
-                            "samples": agg.state_samples(state),
+                            "samples": 0 if state is None else agg.state_samples(state),
                             "error": f"{type(exc).__name__}: {exc}", "values": values})
         try:
             self.quarantine.append(records)
@@ -707,6 +776,7 @@ class AggregatorServer:
         for run_id in [r for r, seen in self.series_seen.items() if seen < cutoff]:
             del self.series_seen[run_id]
             self.series.pop(run_id, None)
+            self.running.pop(run_id, None)
 
     def _release_log(self) -> None:
         """Drop log segments whose every bucket is written; roll the current one."""

@@ -142,6 +142,11 @@ def segment_of(position: int) -> int:
     return position >> _OFFSET_BITS
 
 
+def first_position_of(segment: int) -> int:
+    """The lowest position a record of ``segment`` can have."""
+    return segment << _OFFSET_BITS
+
+
 def segment_path(directory: Path, segment: int) -> Path:
     return directory / f"wal-{segment:010d}.log"
 

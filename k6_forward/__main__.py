@@ -280,20 +280,34 @@ class Forwarder:
                             f"input ended inside a line ({len(carry)} bytes without newline)")
         self.lines.finish()
         await self.send(self.lines.close_all())
-        await self.td.wait_acked()
-        await self.non_td.wait_acked()
+        # Logged is enough here: the servers close the run's buckets early once every
+        # generator has ended, so finish() waits for them to be stored.
+        await self.td.wait_logged()
+        await self.non_td.wait_logged()
 
     async def finish(self, exit_status: int | None) -> None:
-        """Tell both servers this generator has ended (after all its data is acked), so
-        that the run knows its span and td-report --wait knows when it is complete."""
+        """Tell both servers this generator has ended (after all its data is logged), so
+        that the run knows its span and td-report --wait knows when it is complete; then
+        wait until every frame is in the database."""
         lines = self.lines
         ended = protocol.Generator(0, "end", time.time(), exit_status=exit_status,
                                    first_ns=lines.first_ns, last_ns=lines.last_ns,
                                    samples=lines.samples, units=dict(lines.units) or None)
         for link in (self.td, self.non_td):
             await link.send_generator(ended)
-        await self.td.wait_acked()
-        await self.non_td.wait_acked()
+        await self.td.wait_logged()
+        await self.non_td.wait_logged()
+        limit = self.config.commit_timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self.td.wait_acked()
+                await self.non_td.wait_acked()
+        except TimeoutError:
+            held = self.td.unacked_frames + self.non_td.unacked_frames
+            print(f"k6-forward: after {limit:g} s (--commit-timeout), {held} frames are "
+                  "logged by the servers but not yet said to be in the database; they are "
+                  "in the servers' write-ahead logs and are stored when those write them "
+                  "(lost only if a server's disk is lost first)", file=sys.stderr, flush=True)
 
     @property
     def refused_samples(self) -> Counter[str]:

@@ -1,10 +1,12 @@
 """A forwarder's connection to one server: hello, numbered frames, acks and resends.
 
-No data is dropped. Every frame is kept until the server acknowledges its sequence
-number (acks are cumulative) or refuses it. Unacknowledged frames are held in memory up
-to ``max_memory_bytes``; beyond that, in a bounded spool file (k6_forward/spool.py) of up
-to ``max_spool_bytes``. When both are full, ``send_items`` waits, which stops the
-forwarder's reading loop: k6 then waits on the pipe.
+No data is dropped. Every frame is kept until the server says it is in the database
+(``committed``, cumulative), not only logged (``ack``), or refuses it: a server whose
+disk is lost loses nothing, since its frames are sent again, to it or to another server
+of the role. Frames not yet committed are held in memory up to ``max_memory_bytes``;
+beyond that, in a bounded spool file (k6_forward/spool.py) of up to ``max_spool_bytes``.
+When both are full, ``send_items`` waits, which stops the forwarder's reading loop: k6
+then waits on the pipe.
 
 Frames are always in sequence order: memory holds the oldest ones and the spool the
 newer ones. While the spool is not empty, new frames go to its tail; as acks free
@@ -13,8 +15,10 @@ in order, reading spooled ones back from the file, and honours TCP flow control,
 socket buffer holds at most one frame beyond the transport's high-water mark.
 
 When the connection drops, the link reconnects with capped exponential backoff, sends
-the hello again, drops everything up to the welcome's ``last_seq`` and resends the rest
-in order; the server ignores (but acknowledges) anything it has already merged.
+the hello again (saying the highest seq it ever sent), drops everything up to the
+welcome's ``committed``, and resends everything above its ``last_seq`` in order; the
+server ignores (but acknowledges) anything it has already merged, and a server that has
+lost its log checks the frames it may have stored against the rows.
 
 Each change of state is said once on stderr: connection lost / reconnected, spooling /
 spool drained, backpressure / resumed.
@@ -97,7 +101,12 @@ class ServerLink:
         self.spool = Spool(default_spool_path(spool_dir, producer, spool_name or role),
                            max_spool_bytes, remove_empty_dir=True)
         self.next_seq = 1
-        # Unacknowledged frames held in memory, oldest first; all older than the spool's.
+        # This link's name for its stream of frames, kept by the rows they go into.
+        self.source = f"{address[0]}:{address[1]}"
+        self.logged_seq = 0  # the highest seq the server has acknowledged (logged)
+        # A server that never says "committed" (an earlier release): acks free frames.
+        self._acks_commit = False
+        # Frames not yet committed, held in memory, oldest first; all older than the spool's.
         self.memory: OrderedDict[int, bytes] = OrderedDict()
         self.memory_bytes = 0
         self.frames_sent = 0
@@ -137,6 +146,7 @@ class ServerLink:
 
     @property
     def unacked_frames(self) -> int:
+        """Frames held: not yet committed (or refused)."""
         return len(self.memory) + len(self.spool)
 
     @property
@@ -164,8 +174,17 @@ class ServerLink:
             for start in range(0, len(items), ITEMS_PER_FRAME):
                 self._check_fatal()
                 seq = self.next_seq
-                frame = protocol.data(seq, items[start:start + ITEMS_PER_FRAME])
+                frame = protocol.data(seq, items[start:start + ITEMS_PER_FRAME], self.source)
                 await self._place(seq, frame)
+
+    async def send_moved(self, source: str, source_seq: int, items: list[list[Any]]) -> None:
+        """Queue items of frame ``source_seq`` of another server's stream ``source`` (it
+        was failed over before saying they are stored): one frame, keeping their origin,
+        so that rows holding them already do not count them twice."""
+        async with self._send_lock:
+            self._check_fatal()
+            seq = self.next_seq
+            await self._place(seq, protocol.data(seq, items, source, source_seq))
 
     async def send_generator(self, generator: protocol.Generator) -> None:
         """Queue a generator frame (its seq is this link's next); kept until acknowledged
@@ -176,11 +195,32 @@ class ServerLink:
             await self._place(seq, protocol.generator(generator._replace(seq=seq)))
 
     async def wait_acked(self) -> None:
-        """Return once every frame is acknowledged (or refused)."""
+        """Return once every frame is committed to the database (or refused)."""
         while self.unacked_frames and self.fatal is None:
             self._changed.clear()
             await self._changed.wait()
         self._check_fatal()
+
+    async def wait_logged(self) -> None:
+        """Return once the server has logged every frame (or refused it)."""
+        while self._first_unlogged() is not None and self.fatal is None:
+            self._changed.clear()
+            await self._changed.wait()
+        self._check_fatal()
+
+    def _first_unlogged(self) -> int | None:
+        seq = max(self.logged_seq + 1, self._first_held() or self.next_seq)
+        while seq < self.next_seq:
+            if seq in self.memory or seq in self.spool:
+                return seq
+            seq += 1
+        return None
+
+    def _first_held(self) -> int | None:
+        if self.memory:
+            return next(iter(self.memory))
+        head = self.spool.first()
+        return None if head is None else head[0]
 
     async def close(self) -> None:
         if self._task is not None:
@@ -290,6 +330,13 @@ class ServerLink:
     # --- removing frames: acks and refusals ------------------------------------------
 
     def _on_ack(self, seq: int) -> None:
+        self.logged_seq = max(self.logged_seq, seq)
+        if self._acks_commit:
+            self._on_committed(seq)
+        else:
+            self._changed.set()
+
+    def _on_committed(self, seq: int) -> None:
         memory = self.memory
         while memory:
             first = next(iter(memory))
@@ -317,17 +364,23 @@ class ServerLink:
             self.refused_samples[reason] += sum(map(protocol.claimed_samples, items))
         self._room_freed()
 
-    def take_unsent(self) -> list[list[Any]]:
-        """Remove every frame never written to any connection; return the items of its
-        data frames (for another server: this one cannot have them). Generator frames
-        among them are dropped: the other servers of the role got theirs."""
-        items: list[list[Any]] = []
-        for seq in range(self._ever_sent + 1, self.next_seq):
+    def take_held(self) -> list[tuple[str, int, list[list[Any]]]]:
+        """Remove every frame held (not known to be in the database); return the items of
+        its data frames with their origin, (stream, seq there, items), for the other
+        servers of the role. Generator frames among them are dropped: the other servers
+        got theirs."""
+        moved = []
+        for seq in range(self._first_held() or self.next_seq, self.next_seq):
             frame = self._remove(seq)
-            if frame is not None:
-                items += protocol.unpack(frame[4:]).get("items") or []
+            if frame is None:
+                continue
+            message = protocol.unpack(frame[4:])
+            items = message.get("items")
+            if items:
+                moved.append((message.get("source") or "", message.get("source_seq") or seq,
+                              items))
         self._room_freed()
-        return items
+        return moved
 
     def _room_freed(self) -> None:
         # Move frames from the spool's head back into memory while they fit.
@@ -468,7 +521,8 @@ class ServerLink:
         """One connection; it ends only by an exception. ``self._writer`` is set once the
         server has welcomed this forwarder."""
         writer.write(protocol.hello(self.producer, self.run_id, self.role, self.token,
-                                    self.producer_key, self.input_id, self.append))
+                                    self.producer_key, self.input_id, self.append,
+                                    confirm=True, sent_before=self._ever_sent))
         await writer.drain()
         decoder = protocol.FrameDecoder()
         pending: list[dict[str, Any]] = []
@@ -479,18 +533,25 @@ class ServerLink:
         if kind != "welcome":
             raise _ProtocolViolation(f"expected a welcome, got {kind!r}")
         last_seq = message.get("last_seq") or 0
-        if not isinstance(last_seq, int):
-            raise _ProtocolViolation(f"welcome with last_seq {last_seq!r}")
-        self._on_ack(last_seq)
+        committed = message.get("committed", last_seq)
+        if not isinstance(last_seq, int) or not isinstance(committed, int):
+            raise _ProtocolViolation(f"welcome with last_seq {last_seq!r}, committed "
+                                     f"{committed!r}")
+        self._acks_commit = "committed" not in message
+        # A server that lost its log says 0: frames it had logged are resent.
+        self.logged_seq = last_seq
+        self._on_committed(committed)
         if self.thresholds_frame is not None:
             writer.write(self.thresholds_frame)
         self._writer = writer
         self._sent_seq = min(last_seq, self.next_seq - 1)
         if self._down_since is not None:
             elapsed = asyncio.get_running_loop().time() - self._down_since
-            self.say(f"connected after {elapsed:.1f}s; server has merged up to seq {last_seq}; "
-                     f"sending the {self.unacked_frames} frames it has not acknowledged "
-                     f"({len(self.spool)} of them from the spool)")
+            resend = sum(1 for seq in self.memory if seq > last_seq) + sum(
+                1 for seq in self.spool.seqs() if seq > last_seq)
+            self.say(f"connected after {elapsed:.1f}s; server has logged up to seq {last_seq} "
+                     f"and stored up to {committed}; sending the {resend} frames it has not "
+                     f"logged; holding {self._holding()}")
             self._down_since = None
         receiver = asyncio.create_task(self._receive_loop(reader, decoder, pending))
         sender = asyncio.create_task(self._send_loop(writer))
@@ -511,11 +572,14 @@ class ServerLink:
         while True:
             message = await _receive(reader, decoder, pending)
             kind = message.get("type")
-            if kind == "ack":
+            if kind in ("ack", "committed"):
                 seq = message.get("seq")
                 if not isinstance(seq, int):
-                    raise _ProtocolViolation(f"ack with seq {seq!r}")
-                self._on_ack(seq)
+                    raise _ProtocolViolation(f"{kind} with seq {seq!r}")
+                if kind == "ack":
+                    self._on_ack(seq)
+                else:
+                    self._on_committed(seq)
             elif kind == "error":
                 reason, detail = message.get("reason"), message.get("detail")
                 if message.get("fatal"):

@@ -8,9 +8,11 @@ a server moves only the series it gains or loses.
 
 A server that has been unreachable for ``failover_after`` seconds is failed over: its
 series go to the next server in their order until it is reachable again; then new
-buckets go back to it. Frames it had not acknowledged stay queued for it (its log keeps
-what it acknowledged) and are sent when it is back. A row written by two servers around
-a failover stays exact: rows keep each writer's log position (common/store).
+buckets go back to it. Every frame it had not said is in the database goes to the next
+servers too, with its origin (stream and seq): it may have lost its disk. Rows keep, per
+stream, the highest seq they hold, so a frame it had stored, or stores from its log when
+it is back, is not counted twice; and each writer's log position, so that a retry or a
+replay is not either (common/store).
 
 Generator and threshold frames go to every server of the role.
 """
@@ -97,6 +99,10 @@ class ServerGroup:
             link.on_verdicts = receive
 
     @property
+    def unacked_frames(self) -> int:
+        return sum(link.unacked_frames for link in self.links)
+
+    @property
     def refused_samples(self) -> Counter[str]:
         return sum((link.refused_samples for link in self.links), Counter())
 
@@ -121,13 +127,22 @@ class ServerGroup:
                 await link.send_generator(generator)
 
     async def wait_acked(self) -> None:
-        """Return once every frame is acknowledged by its server (or refused). Frames a
-        failed-over server may have logged wait for it (said at failover); frames it
-        never got are moved to the others and waited for there."""
+        """Return once every frame is in the database, as its server says (or refused).
+        A server failed over meanwhile has its frames moved to the others, and they are
+        waited for there."""
         while True:
             for link in self.links:
                 await link.wait_acked()
             if not self._routing and not any(link.unacked_frames for link in self.links):
+                return
+            await asyncio.sleep(WATCH_EVERY / 10)
+
+    async def wait_logged(self) -> None:
+        """Return once every frame is logged by its server (or refused, or moved)."""
+        while True:
+            for link in self.links:
+                await link.wait_logged()
+            if not self._routing:
                 return
             await asyncio.sleep(WATCH_EVERY / 10)
 
@@ -147,21 +162,30 @@ class ServerGroup:
             await self.links[0].send_items(list(items))
             return
         usable, moved = self._check()
-        await self._route([*moved, *items], usable)
+        self._routing += 1  # until a link holds them, the items are only here
+        try:
+            await self._move(moved, usable)
+            for index, batch in self._batches(items, usable).items():
+                await self.links[index].send_items(batch)
+        finally:
+            self._routing -= 1
 
-    async def _route(self, items: Sequence[list[Any]], usable: set[int]) -> None:
+    def _batches(self, items: Sequence[list[Any]], usable: set[int]
+                 ) -> dict[int, list[list[Any]]]:
         batches: dict[int, list[list[Any]]] = {}
         for item in items:
             order = self._order(series_of(item))
             target = next((i for i in order if i in usable), order[0])
             batches.setdefault(target, []).append(item)
-        # Until a link holds them, the items are only here: wait_acked waits for them.
-        self._routing += 1
-        try:
-            for index, batch in batches.items():
-                await self.links[index].send_items(batch)
-        finally:
-            self._routing -= 1
+        return batches
+
+    async def _move(self, moved: list[tuple[str, int, list[list[Any]]]],
+                    usable: set[int]) -> None:
+        """Frames taken from a failed-over server, each item to its series' next server,
+        one frame per origin frame and server."""
+        for source, source_seq, items in moved:
+            for index, batch in self._batches(items, usable).items():
+                await self.links[index].send_moved(source, source_seq, batch)
 
     async def _watch(self) -> None:
         """Fail over (and back) while no new items come, as at the end of a run."""
@@ -169,25 +193,30 @@ class ServerGroup:
             await asyncio.sleep(WATCH_EVERY)
             usable, moved = self._check()
             if moved:
-                await self._route(moved, usable)
+                self._routing += 1
+                try:
+                    await self._move(moved, usable)
+                finally:
+                    self._routing -= 1
 
-    def _check(self) -> tuple[set[int], list[list[Any]]]:
-        """The servers not failed over, and the items of frames that a server failed
-        over now never got (to go to the others). Each change is said once."""
+    def _check(self) -> tuple[set[int], list[tuple[str, int, list[list[Any]]]]]:
+        """The servers not failed over, and the frames a server failed over now had not
+        said are in the database (to go to the others). Each change is said once."""
         usable = set()
-        moved: list[list[Any]] = []
+        moved: list[tuple[str, int, list[list[Any]]]] = []
         for index, link in enumerate(self.links):
             down = link.down_for()
             if down >= self.failover_after:
                 if index not in self._failed_over:
                     self._failed_over.add(index)
-                    taken = link.take_unsent()
+                    taken = link.take_held()
                     moved += taken
                     link.say(f"unreachable for {down:.0f}s (--failover-after "
                              f"{self.failover_after:g}): its series go to the next "
                              f"{self.name} in hash order until it is back, with the "
-                             f"{len(taken)} partials it never got; "
-                             f"{link.unacked_frames} frames it may have logged wait for it")
+                             f"{sum(len(items) for _, _, items in taken)} partials of the "
+                             f"{len(taken)} frames it had not stored (rows holding them "
+                             "already do not count them twice)")
             else:
                 if index in self._failed_over:
                     self._failed_over.discard(index)

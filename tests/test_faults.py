@@ -23,7 +23,7 @@ from common import protocol
 from common.harness import server_process
 from tests.faults import CuttingProxy, feed_stream, forwarder, free_port, report
 from tests.rawstream import group, load_points
-from tests.utils import fetch, quantile_ok, run_server
+from tests.utils import Client, fetch, quantile_ok, run_server
 
 pytestmark = pytest.mark.timeout(180)
 # One-second buckets keep frames in flight all the time, so that faults hit live traffic.
@@ -244,16 +244,27 @@ async def test_sigterm_writes_every_open_bucket(dsn: str, tmp_path: Path) -> Non
             server_process("td_server", dsn, tmp_path, "--grace", "3600"))
         non_td = await stack.enter_async_context(
             server_process("non_td_server", dsn, tmp_path, "--grace", "3600"))
+        # Another generator of the run, started and never ended: the servers keep the
+        # run's buckets open when the forwarder's generator ends.
+        others = [await Client.connect(server.address, role, "sigterm")
+                  for server, role in ((td, protocol.ROLE_TD), (non_td, protocol.ROLE_NON_TD))]
+        for other in others:
+            other.writer.write(protocol.generator(protocol.Generator(1, "start", time.time())))
+            assert await other.receive() == {"type": "ack", "seq": 1}
 
         async def nothing() -> None:
             return None
 
         raw = tmp_path / "raw.json"
-        await run_forwarder(td.address, non_td.address, "sigterm", raw, 4, 200, nothing)
+        lines, _ = await run_forwarder(td.address, non_td.address, "sigterm", raw, 4, 200,
+                                       nothing, "--commit-timeout", "1")
+        assert "logged by the servers but not yet said to be in the database" in lines.text()
         # Nothing can have closed with an hour of grace: everything is still open.
         assert await fetch(dsn, "SELECT 1 FROM trend_buckets WHERE run_id = 'sigterm'") == []
         assert await td.stop() == 0
         assert await non_td.stop() == 0
+        for other in others:
+            await other.close()
     figures = await verify(dsn, raw, "sigterm")
     report("SIGTERM with open buckets", **figures, recovery_s=0)
     assert figures["duplicates"] == 0

@@ -34,8 +34,9 @@ def item(i: int, metric: str = "http_reqs") -> list[Any]:
         0, value))
 
 
-def frame_size(i: int = 1) -> int:
-    return len(protocol.data(i, [item(i)]))
+def frame_size(address: tuple[str, int], i: int = 1) -> int:
+    """The size of frame i as a link to ``address`` makes it (it names its stream)."""
+    return len(protocol.data(i, [item(i)], f"{address[0]}:{address[1]}"))
 
 
 class StubServer:
@@ -239,7 +240,7 @@ async def test_resend_after_the_server_drops_the_connection_mid_stream(
     assert stub.items == sent
     assert said(report, "connection lost") == 1
     assert said(report, "connected after") == 1
-    assert said(report, "server has merged up to seq 7") == 1
+    assert said(report, "server has logged up to seq 7") == 1
 
 
 async def test_server_down_at_start_then_up(tmp_path: Path) -> None:
@@ -268,7 +269,7 @@ async def test_memory_full_spools_to_a_file_and_delivers_later_in_order(
     stub = StubServer()
     await stub.start()
     await stub.stop()
-    size = frame_size()
+    size = frame_size(stub.address)
     async with open_link(stub.address, tmp_path, max_memory_bytes=3 * size) as (link, report):
         sent = await send_frames(link, 1, 20)
         path = link.spool.path
@@ -298,7 +299,7 @@ async def test_memory_and_spool_full_pause_input_until_acks_free_room(
     stub = StubServer()
     stub.acks.clear()                             # connected, reading, but no acks
     await stub.start()
-    size = frame_size()
+    size = frame_size(stub.address)
     max_spool = 4 * size
     async with open_link(stub.address, tmp_path, max_memory_bytes=2 * size,
                          max_spool_bytes=max_spool) as (link, report):
@@ -338,7 +339,7 @@ async def test_spool_stays_bounded_while_a_slow_server_catches_up(tmp_path: Path
     stub = StubServer()
     stub.delay = 0.003
     await stub.start()
-    size = frame_size()
+    size = frame_size(stub.address)
     max_spool = 5 * size + size // 2
     async with open_link(stub.address, tmp_path, max_memory_bytes=2 * size,
                          max_spool_bytes=max_spool) as (link, report):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -264,6 +265,38 @@ def test_parse_hello_accepts_both_roles() -> None:
     assert parse_hello(hello_message(producer=name, run=name), LIMITS).producer == name
 
 
+def test_a_hello_says_it_wants_commits_and_what_it_sent_before() -> None:
+    """A forwarder keeps frames until they are in the database (confirm), and says the
+    highest seq it ever sent to this server, so that a server that lost its log knows
+    which frames may be stored already."""
+    (body,) = FrameDecoder().feed(protocol.hello("g", "r", "td", confirm=True,
+                                                 sent_before=41))
+    hello = parse_hello(unpack(body), LIMITS)
+    assert (hello.confirm, hello.sent_before) == (True, 41)
+    (body,) = FrameDecoder().feed(protocol.hello("g", "r", "td"))
+    assert "confirm" not in unpack(body)
+    assert "sent_before" not in unpack(body)
+    hello = parse_hello(unpack(body), LIMITS)
+    assert (hello.confirm, hello.sent_before) == (False, 0)
+
+
+def test_a_data_frame_names_its_stream_and_a_moved_frame_its_origin() -> None:
+    (body,) = FrameDecoder().feed(protocol.data(3, [["m"]], "10.0.0.1:7410", 17))
+    assert parse_data(unpack(body), LIMITS) == Data(3, [["m"]], "10.0.0.1:7410", 17)
+    (body,) = FrameDecoder().feed(protocol.data(3, [["m"]]))
+    assert parse_data(unpack(body), LIMITS) == Data(3, [["m"]], "", None)
+    # One name per producer and stream; another producer's stream is another one.
+    assert protocol.stream_key("p", "a:1") == protocol.stream_key("p", "a:1")
+    assert len({protocol.stream_key(p, s) for p in ("p", "q") for s in ("a:1", "a:2")}) == 4
+    base = {"type": "data", "seq": 3, "items": [["m"]]}
+    for field, value, reason in (("source", 5, "bad_field"), ("source", "s" * 257, "too_long"),
+                                 ("source_seq", 0, "bad_field"),
+                                 ("source_seq", "1", "bad_field"),
+                                 ("source_seq", 2**64, "bad_field")):
+        assert refused(functools.partial(parse_data, {**base, field: value}, LIMITS)) == reason
+    assert unpack(protocol.committed(9)[4:]) == {"type": "committed", "seq": 9}
+
+
 def test_parse_hello_from_the_wire() -> None:
     (body,) = FrameDecoder().feed(protocol.hello("gen-7", "run-3", "non_td"))
     assert parse_hello(unpack(body), LIMITS) == Hello("gen-7", "run-3", "non_td")
@@ -288,6 +321,12 @@ def test_parse_hello_from_the_wire() -> None:
         ({"run": None}, "bad_field"),
         ({"producer": "p" * 201}, "too_long"),
         ({"run": "r" * 201}, "too_long"),
+        ({"confirm": 1}, "bad_field"),
+        ({"confirm": "yes"}, "bad_field"),
+        ({"sent_before": -1}, "bad_field"),
+        ({"sent_before": "3"}, "bad_field"),
+        ({"sent_before": 1.5}, "bad_field"),
+        ({"sent_before": 2**64}, "bad_field"),
     ],
 )
 def test_parse_hello_refusals(changes: dict[str, Any], reason: str) -> None:

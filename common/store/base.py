@@ -11,6 +11,7 @@ nothing outside them talks to a database.
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
@@ -35,6 +36,8 @@ from common.store.rows import (
 if TYPE_CHECKING:
     from common.aggregate import Aggregator, Entry
     from common.generators import GeneratorRow
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -80,6 +83,49 @@ class BucketWriter(ABC):
         self.aggregator = aggregator
         self.bucket_seconds = bucket_seconds
         self.writer_id = writer_id
+        # Entries whose streams the row held in part: their merged state cannot be split,
+        # so the row may count some frames twice (said in the log, counted here).
+        self.overlaps = 0
+
+    def contribution(self, key: BucketKey, entry: Entry[Any],
+                     stored_sources: Mapping[str, int]) -> tuple[Any, dict[str, int]]:
+        """What ``entry`` adds to a row holding ``stored_sources`` (stream -> highest seq
+        merged), as a state (None: nothing), and the row's sources after the write.
+
+        A doubtful item counts only if its seq is above the row's for its stream. The
+        entry's own state counts unless the row already holds every stream of it up to
+        its highest seq (a lost server's frames, stored by the server they were sent to
+        again). Never changes the entry, so that a failed write can be retried as is.
+        The result is also kept as ``entry.written``, for the live thresholds."""
+        agg = self.aggregator
+        sources = dict(stored_sources)
+        added = entry.state
+        if added is not None and entry.sources:
+            held = [stored_sources.get(s, 0) >= high for s, (_, high) in entry.sources.items()]
+            if all(held):
+                added = None
+            elif any(stored_sources.get(s, 0) >= low for s, (low, _) in entry.sources.items()):
+                self.overlaps += 1
+                log.error("row %r holds part of the frames merged into its entry (a server "
+                          "was lost while it wrote them); they may count twice", key[:2])
+            for source, (_, high) in entry.sources.items():
+                sources[source] = max(sources.get(source, 0), high)
+        fresh = None
+        for source, seq, partial, producer in entry.doubtful:
+            if seq <= stored_sources.get(source, 0):
+                continue
+            if fresh is None:
+                fresh = agg.new_state(partial, producer)
+            else:
+                agg.add(fresh, partial, producer)
+            if source:
+                sources[source] = max(sources.get(source, 0), seq)
+        if fresh is not None:
+            if added is not None:
+                agg.absorb(fresh, added)
+            added = fresh
+        entry.written = added
+        return added, sources
 
     @abstractmethod
     async def write(self, entries: Mapping[BucketKey, Entry[Any]]) -> int:

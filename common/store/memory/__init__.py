@@ -45,6 +45,7 @@ class _Row:
     bucket_seconds: int
     values: Values
     positions: dict[str, int]  # each writer's last log position the row holds
+    sources: dict[str, int] = field(default_factory=dict)  # stream -> highest seq held
 
     @property
     def position(self) -> int:
@@ -98,18 +99,22 @@ class MemoryWriter(BucketWriter):
         for key, entry in entries.items():  # everything is computed before anything is kept
             stored = self.rows.get(key)
             positions = {} if stored is None else dict(stored.positions)
-            if stored is None:
-                values = agg.values(entry.state)
-            elif positions.get(self.writer_id, 0) >= entry.last_position > 0:
+            if stored is not None and positions.get(self.writer_id, 0) >= entry.last_position > 0:
                 continue  # written by an attempt whose outcome was unknown
+            added, sources = self.contribution(key, entry,
+                                               {} if stored is None else stored.sources)
+            if added is None:
+                continue  # the row holds all of it already
+            if stored is None:
+                values = agg.values(added)
             else:
                 merged = agg.from_stored(_copy(stored.values))
-                agg.absorb(merged, entry.state)
+                agg.absorb(merged, added)
                 values = agg.values(merged)
                 late += 1
             positions[self.writer_id] = max(entry.last_position,
                                             positions.get(self.writer_id, 0))
-            new[key] = _Row(self.bucket_seconds, _copy(values), positions)
+            new[key] = _Row(self.bucket_seconds, _copy(values), positions, sources)
         self.rows.update(new)
         return late
 

@@ -4,6 +4,9 @@
 -- so that neither a replay after a crash nor a retried write counts a frame twice, even
 -- when several servers write the row; wal_pos is the highest of them. A row with an empty
 -- writer_pos was written before servers had identities: its wal_pos is its writer's.
+-- source_pos maps each stream a forwarder sends (a hash of its producer id and its name
+-- for the server it sent to) to the highest frame seq of that stream merged into the row:
+-- a frame sent again after its server was lost is not merged twice (docs/SCALING.md).
 --
 -- A row's key is (run_id, metric, bucket, tags_hash). tags_hash is the md5 of the tags'
 -- canonical jsonb text, decode(md5(tags::text), 'hex'), always computed by PostgreSQL from
@@ -31,7 +34,8 @@ CREATE TABLE IF NOT EXISTS trend_buckets (
     zeros           bigint           NOT NULL DEFAULT 0,
     wal_pos         bigint           NOT NULL DEFAULT 0,
     sum_rest        double precision[],
-    writer_pos      jsonb            NOT NULL DEFAULT '{}'
+    writer_pos      jsonb            NOT NULL DEFAULT '{}',
+    source_pos      jsonb            NOT NULL DEFAULT '{}'
 );
 -- sum is the exact sum of the samples correctly rounded; sum_rest what rounding left out
 -- (NULL when nothing): sum + the terms of sum_rest is exact (common/exactsum.py).
@@ -52,7 +56,8 @@ CREATE TABLE IF NOT EXISTS counter_buckets (
     max             double precision NOT NULL,
     state           jsonb,
     wal_pos         bigint           NOT NULL DEFAULT 0,
-    writer_pos      jsonb            NOT NULL DEFAULT '{}'
+    writer_pos      jsonb            NOT NULL DEFAULT '{}',
+    source_pos      jsonb            NOT NULL DEFAULT '{}'
 );
 
 -- Columns added after the first release of the schema: older tables gain them in place.
@@ -61,6 +66,8 @@ ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS wal_pos bigint NOT NULL DEFAU
 ALTER TABLE counter_buckets ADD COLUMN IF NOT EXISTS wal_pos bigint NOT NULL DEFAULT 0;
 ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS writer_pos jsonb NOT NULL DEFAULT '{}';
 ALTER TABLE counter_buckets ADD COLUMN IF NOT EXISTS writer_pos jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE trend_buckets ADD COLUMN IF NOT EXISTS source_pos jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE counter_buckets ADD COLUMN IF NOT EXISTS source_pos jsonb NOT NULL DEFAULT '{}';
 
 -- Tables of a release keyed on (run_id, metric, tags, bucket): add tags_hash and fill it
 -- from the rows' tags (once: only while the column is missing, so that a start does not

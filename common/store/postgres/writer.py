@@ -87,16 +87,19 @@ def key_lookup_sql(table: str, selected: Sequence[str], lock: bool,
 
 def upsert_sql(table: str, value_columns: Sequence[str]) -> str:
     """Insert or replace one row: $1 bucket start, $2 bucket_seconds, $3 run_id, $4 metric,
-    $5 tags as JSON text, then the value columns, wal_pos and writer_pos (JSON text: the
-    writer's id and position, added to the positions of the row's other writers)."""
+    $5 tags as JSON text, then the value columns, wal_pos, writer_pos (JSON text: the
+    writer's id and position, added to the positions of the row's other writers) and
+    source_pos (JSON text: the row's streams after the write, read under the row lock)."""
     names = ("bucket", "bucket_seconds", "run_id", "metric", "tags", "tags_hash",
-             *value_columns, "wal_pos", "writer_pos")
+             *value_columns, "wal_pos", "writer_pos", "source_pos")
     params = ["to_timestamp($1)", "$2", "$3", "$4", "$5::jsonb", TAGS_HASH.format("$5::jsonb")]
     params += [f"${i}" for i in range(6, len(names))]
     if "state" in value_columns:
         params[names.index("state")] += "::jsonb"
+    params[-2] += "::jsonb"
     params[-1] += "::jsonb"
-    updates = ", ".join([f"{c} = EXCLUDED.{c}" for c in ("bucket_seconds", *value_columns)]
+    updates = ", ".join([f"{c} = EXCLUDED.{c}"
+                         for c in ("bucket_seconds", *value_columns, "source_pos")]
                         + [f"wal_pos = GREATEST({table}.wal_pos, EXCLUDED.wal_pos)",
                            f"writer_pos = {table}.writer_pos || EXCLUDED.writer_pos"])
     return (
@@ -115,19 +118,20 @@ def insert_new_sql(table: str, value_columns: Sequence[str]) -> str:
     batch, which then merges into that row. A row's sum_rest goes as the text of a
     float8[] (arrays of arrays must be rectangular)."""
     names = ("bucket", "bucket_seconds", "run_id", "metric", "tags", *value_columns,
-             "wal_pos", "writer_pos")
+             "wal_pos", "writer_pos", "source_pos")
     types = ["bigint", "integer", "text", "text", "text",
              *("text" if c in ("sum_rest", "state") else columns.TYPES[c]
-               for c in value_columns), "bigint", "text"]
+               for c in value_columns), "bigint", "text", "text"]
     arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
     values = ["to_timestamp(n.bucket)", "n.bucket_seconds", "n.run_id", "n.metric",
               "n.tags::jsonb", TAGS_HASH.format("n.tags::jsonb")]
     for c in value_columns:
         values.append({"state": "n.state::jsonb", "sum_rest": "n.sum_rest::float8[]"}.get(
             c, f"n.{c}"))
-    values += ["n.wal_pos", "n.writer_pos::jsonb"]
+    values += ["n.wal_pos", "n.writer_pos::jsonb", "n.source_pos::jsonb"]
     return (f"INSERT INTO {table} (bucket, bucket_seconds, run_id, metric, tags, tags_hash, "
-            f"{', '.join(value_columns)}, wal_pos, writer_pos) SELECT {', '.join(values)} "
+            f"{', '.join(value_columns)}, wal_pos, writer_pos, source_pos) "
+            f"SELECT {', '.join(values)} "
             f"FROM unnest({arrays}) AS n({', '.join(names)}) "
             f"ON CONFLICT (run_id, metric, bucket, tags_hash) DO NOTHING")
 
@@ -145,8 +149,8 @@ class PgBucketWriter(BucketWriter):
         self.kind = columns.table_of(aggregator.role)
         table = columns.TABLES[self.kind]
         self.upsert = upsert_sql(table, columns.WRITTEN[self.kind])
-        self.select_stored = key_lookup_sql(table, columns.READ[self.kind], lock=True,
-                                            writer_position=True)
+        self.select_stored = key_lookup_sql(table, ("source_pos", *columns.READ[self.kind]),
+                                            lock=True, writer_position=True)
         self.select_positions = key_lookup_sql(table, (), lock=False, writer_position=True)
 
         self._max_position = f"SELECT coalesce(max(wal_pos), 0) FROM {table}"
@@ -209,28 +213,31 @@ class PgBucketWriter(BucketWriter):
                 stored_rows = await conn.fetch(self.select_stored, *arrays, self.writer_id)
                 # Late data: merge into a state rebuilt from the stored row, never into the
                 # closing state itself, so that a failed attempt can be retried as is.
-                to_write = {key: entry.state for key, entry in entries.items()}
-                positions = {key: entry.last_position for key, entry in entries.items()}
-                late = 0
-                for row in stored_rows:
-                    key = keys[row[0] - 1]
-                    if row[1] >= entries[key].last_position > 0:
-                        del to_write[key]  # written by an attempt whose outcome was unknown
-                        continue
-                    merged = agg.from_stored(columns.read(self.kind, tuple(row)[2:]))
-                    agg.absorb(merged, entries[key].state)
-                    to_write[key] = merged
-                    positions[key] = max(positions[key], row[1])
-                    late += 1
-                stored = {keys[row[0] - 1] for row in stored_rows}
+                stored_by_key = {keys[row[0] - 1]: row for row in stored_rows}
                 new: list[tuple[Any, ...]] = []
                 updated: list[tuple[Any, ...]] = []
+                late = 0
                 for key, tag in zip(keys, arrays[2], strict=True):
-                    if key in to_write:
-                        row = (key[3], self.bucket_seconds, key[0], key[1], tag,
-                               *columns.written(agg.values(to_write[key])), positions[key],
-                               orjson.dumps({self.writer_id: positions[key]}).decode())
-                        (updated if key in stored else new).append(row)
+                    entry = entries[key]
+                    row = stored_by_key.get(key)
+                    position = entry.last_position
+                    if row is not None and row[1] >= position > 0:
+                        continue  # written by an attempt whose outcome was unknown
+                    added, sources = self.contribution(
+                        key, entry, {} if row is None else orjson.loads(row[2]))
+                    if added is None:
+                        continue  # the row holds all of it already
+                    state = added
+                    if row is not None:
+                        state = agg.from_stored(columns.read(self.kind, tuple(row)[3:]))
+                        agg.absorb(state, added)
+                        position = max(position, row[1])
+                        late += 1
+                    values = (key[3], self.bucket_seconds, key[0], key[1], tag,
+                              *columns.written(agg.values(state)), position,
+                              orjson.dumps({self.writer_id: position}).decode(),
+                              orjson.dumps(sources).decode())
+                    (updated if row is not None else new).append(values)
                 # Stored rows are locked (FOR UPDATE above): their upserts are updates.
                 if updated:
                     await conn.executemany(self.upsert, updated)
