@@ -210,8 +210,26 @@ def outside(centroids: Centroids, lo: float, hi: float, known_sketch: bool = Fal
     ``known_sketch``: decoded from a sketch's encoding (is_sketch holds by construction)."""
     if not known_sketch and not is_sketch(centroids):
         return bool(centroids[0, 0] < lo or centroids[-1, 0] > hi)
-    low, high = bucket_bounds(centroids[[0, -1], 0])
-    return bool(high[0] < lo or low[1] > hi)
+    # Two rows: scalar arithmetic, as bucket_bounds does it for arrays.
+    return (_bounds_of(float(centroids[0, 0]))[1] < lo
+            or _bounds_of(float(centroids[-1, 0]))[0] > hi)
+
+
+def _bounds_of(value: float) -> tuple[float, float]:
+    """bucket_bounds for one value."""
+    if value == 0.0:
+        return 0.0, 0.0
+    index = float(math.ceil(math.log(abs(value)) / _LOG_GAMMA))
+    lower = _exp((index - 1.0) * _LOG_GAMMA) * (1.0 - 1e-9)
+    upper = _exp(index * _LOG_GAMMA) * (1.0 + 1e-9)
+    return (lower, upper) if value > 0.0 else (-upper, -lower)
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:  # beyond the largest double, as numpy's exp says
+        return math.inf
 
 
 def quantiles(
@@ -242,17 +260,19 @@ def quantiles(
         return [float("nan")] * len(qs)
     ranks = np.asarray(qs, dtype=np.float64) * (n - 1.0)
     below = np.floor(ranks)
-    above = np.minimum(below + 1.0, n - 1.0)
-
-    def at_rank(rank: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        found = values[np.minimum(np.searchsorted(ends, rank, side="right"), len(values) - 1)]
-        # The first and last samples are known exactly.
-        found = np.where(rank <= 0.0, lo, found)
-        return np.where(rank >= n - 1.0, hi, found)
-
-    first, second = at_rank(below), at_rank(above)
-    estimates = first + (ranks - below) * (second - first)
-    return [min(max(float(v), lo), hi) for v in estimates]
+    # The samples at ranks floor and floor + 1 (at most n - 1), in one search.
+    wanted = np.concatenate((below, np.minimum(below + 1.0, n - 1.0)))
+    found = values[np.minimum(np.searchsorted(ends, wanted, side="right"), len(values) - 1)]
+    result: list[float] = []
+    for i, rank in enumerate(ranks.tolist()):
+        pair: list[float] = []
+        for j in (i, i + len(ranks)):
+            rank_at = float(wanted[j])
+            # The first and last samples are known exactly.
+            pair.append(lo if rank_at <= 0.0 else hi if rank_at >= n - 1.0 else float(found[j]))
+        estimate = pair[0] + (rank - float(below[i])) * (pair[1] - pair[0])
+        result.append(min(max(estimate, lo), hi))
+    return result
 
 
 def _legacy_quantiles(centroids: Centroids, qs: Sequence[float], lo: float, hi: float,
@@ -420,10 +440,16 @@ def decode(data: bytes) -> Centroids:
                      counts[n_neg:])
 
 
-def check(centroids: Centroids) -> str | None:
-    """Why a decoded digest is unacceptable, or None: finite, positive weights, sorted."""
+def check(centroids: Centroids, known_sketch: bool = False) -> str | None:
+    """Why a decoded digest is unacceptable, or None: finite, positive weights, sorted.
+    ``known_sketch``: decoded from a sketch's encoding, which decode has checked for
+    positive counts and increasing buckets: only the values at both ends (a bucket
+    beyond the largest double decodes to infinity) are left to check."""
     if len(centroids) == 0:
         return "empty digest"
+    if known_sketch:
+        ends_finite = math.isfinite(centroids[0, 0]) and math.isfinite(centroids[-1, 0])
+        return None if ends_finite else "non-finite centroid"
     if not np.isfinite(centroids).all():
         return "non-finite centroid"
     if (centroids[:, 1] <= 0).any():

@@ -77,6 +77,9 @@ class TrendPartial(NamedTuple):
     # What rounding left out of ``total``: total + rest is the samples' exact sum
     # (common.exactsum). Sent as an 11th field when not empty.
     rest: tuple[float, ...] = ()
+    # The digest as received, when it is a sketch's encoding of ``centroids`` (b"" when
+    # not): a row made of this partial alone stores these bytes as they are.
+    sketch: bytes = b""
 
 
 class CounterPartial(NamedTuple):
@@ -626,14 +629,15 @@ def parse_trend_item(item: object, limits: Limits,
         centroids = digest.decode(blob)
     except ValueError as exc:
         raise Refused("bad_digest", str(exc)) from None
-    problem = digest.check(centroids) if len(centroids) or zeros < n else None
+    sketch = digest.encodes_sketch(blob)
+    problem = (digest.check(centroids, known_sketch=sketch)
+               if len(centroids) or zeros < n else None)
     if problem:
         raise Refused("bad_digest", problem)
     low, high = _value(lo, "min", limits), _value(hi, "max", limits)
     if low > high:
         raise Refused("bad_field", "min is greater than max")
-    if len(centroids) and digest.outside(centroids, low, high,
-                                         known_sketch=digest.encodes_sketch(blob)):
+    if len(centroids) and digest.outside(centroids, low, high, known_sketch=sketch):
         raise Refused("bad_digest", "a bucket (or centroid) lies outside [min, max]")
     with np.errstate(over="ignore"):  # absurd weights overflow to inf and are refused below
         weight = float(np.sum(centroids[:, 1]))
@@ -643,7 +647,8 @@ def parse_trend_item(item: object, limits: Limits,
     checked = _sum(total, n, low, high)
     return TrendPartial(_text(metric, "metric", limits.max_name_length),
                         _tags(tags, limits, notes), start, seconds, n, checked, low, high,
-                        centroids, zeros, _rest(item[10], checked) if len(item) == 11 else ())
+                        centroids, zeros, _rest(item[10], checked) if len(item) == 11 else (),
+                        blob if sketch and len(centroids) <= digest.MAX_CENTROIDS else b"")
 
 
 def parse_counter_item(item: object, limits: Limits,

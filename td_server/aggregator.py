@@ -19,11 +19,14 @@ _COMPACT_ABOVE_CENTROIDS = 768
 
 
 class TrendState:
-    __slots__ = ("count", "sum", "lo", "hi", "parts", "zeros", "held")
+    # ``sketch``: the encoding of ``parts`` while they are one sketch as received (a
+    # partial, or a stored row); written as it is, since encoding it again gives the
+    # same bytes. Any merge drops it.
+    __slots__ = ("count", "sum", "lo", "hi", "parts", "zeros", "held", "sketch")
 
     def __init__(self, count: int, total: float, lo: float, hi: float,
                  parts: list[digest.Centroids], zeros: int,
-                 rest: Sequence[float] = ()) -> None:
+                 rest: Sequence[float] = (), sketch: bytes = b"") -> None:
         self.count = count
         self.zeros = zeros
         self.sum = ExactSum.of_expansion((total, *rest))  # exact through every merge
@@ -31,6 +34,7 @@ class TrendState:
         self.hi = hi
         self.parts = parts
         self.held = sum(len(p) for p in parts)
+        self.sketch = sketch if len(parts) == 1 else b""
 
     @property
     def total(self) -> float:
@@ -38,6 +42,7 @@ class TrendState:
         return self.sum.value()
 
     def merge_digest(self, centroids: digest.Centroids) -> None:
+        self.sketch = b""
         self.parts.append(centroids)
         self.held += len(centroids)
         if self.held > _COMPACT_ABOVE_CENTROIDS:
@@ -63,7 +68,7 @@ class TrendAggregator:
 
     def new_state(self, partial: TrendPartial, producer: str) -> TrendState:
         return TrendState(partial.samples, partial.total, partial.lo, partial.hi,
-                          [partial.centroids], partial.zeros, partial.rest)
+                          [partial.centroids], partial.zeros, partial.rest, partial.sketch)
 
     def add(self, state: TrendState, partial: TrendPartial, producer: str) -> None:
         state.count += partial.samples
@@ -84,16 +89,23 @@ class TrendAggregator:
 
     def from_stored(self, stored: Values) -> TrendState:
         assert isinstance(stored, TrendRow)
+        sketch = stored.digest if digest.encodes_sketch(stored.digest) else b""
         return TrendState(stored.count, stored.sum, stored.min, stored.max,
-                          [digest.decode(stored.digest)], stored.zeros, stored.sum_rest)
+                          [digest.decode(stored.digest)], stored.zeros, stored.sum_rest,
+                          sketch)
 
     def values(self, state: TrendState) -> TrendRow:
-        merged = digest.merge(state.parts)
-        state.parts = [merged]
-        state.held = len(merged)
+        if state.sketch:
+            merged, encoded = state.parts[0], state.sketch
+        else:
+            merged = digest.merge(state.parts)
+            state.parts = [merged]
+            state.held = len(merged)
+            encoded = b""
         # merge returns a sketch: neither reader checks for a legacy digest again.
         p50, p90, p95, p99 = digest.quantiles(merged, QUANTILES, state.lo, state.hi,
                                               state.zeros, known_sketch=True)
         total, *rest = state.sum.expansion()
         return TrendRow(state.count, total, state.lo, state.hi, state.zeros,
-                        digest.encode(merged, known_sketch=True), tuple(rest), p50, p90, p95, p99)
+                        encoded or digest.encode(merged, known_sketch=True), tuple(rest),
+                        p50, p90, p95, p99)

@@ -13,7 +13,7 @@ import pytest
 from common import digest
 from common.aggregate import OpenBuckets
 from common.exactsum import expansion_of
-from common.protocol import CounterPartial, TrendPartial
+from common.protocol import CounterPartial, Limits, TrendPartial, parse_trend_item
 from common.store.postgres import columns
 from common.store.rows import COUNTER, TREND, CounterRow, TrendRow, Values
 from non_td_server.aggregator import CounterAggregator, CounterState
@@ -500,3 +500,49 @@ def test_take_closable_boundary_and_take_all() -> None:
     assert sorted(k[3] for k in everything) == [B + 10, B + 20]
     assert len(buckets) == 0
     assert buckets.take_closable(B + 1_000_000, 0.0) == {}
+
+
+def _item(values: np.ndarray, blob: bytes) -> list[Any]:
+    return ["http_req_duration", {"name": "a"}, 1_700_000_000, 10, len(values),
+            math.fsum(values), float(values.min()), float(values.max()), blob, 0]
+
+
+def test_a_row_of_one_partial_stores_the_sketch_as_received() -> None:
+    """A row made of one partial stores the received sketch bytes without encoding them
+    again, even an encoding this release would not make (counts as 64-bit with small
+    values); its figures are those of the decoded sketch. Merged rows are encoded anew,
+    and a t-digest of an earlier release is bucketed."""
+    agg = TrendAggregator()
+    rng = np.random.default_rng(31)
+    values = rng.lognormal(3, 1, 4000)
+    canonical = digest.encode(digest.from_values(values))
+    header = digest._HEADER
+    _, version, _, n_neg, n_pos, zeros = header.unpack_from(canonical)
+    n = n_neg + n_pos
+    indices = canonical[header.size:header.size + 4 * n]
+    counts = np.frombuffer(canonical, "<u4", n, header.size + 4 * n).astype("<u8").tobytes()
+    wide = header.pack(b"\xd5\x6b", version, 1, n_neg, n_pos, zeros) + indices + counts
+    wide += b"\0" if len(wide) % 16 == 0 else b""
+    assert wide != canonical
+    for blob in (canonical, wide):
+        partial = parse_trend_item(_item(values, blob), Limits())
+        row = agg.values(agg.new_state(partial, "p"))
+        assert row.digest == blob
+        assert np.array_equal(digest.decode(row.digest), digest.decode(canonical))
+        assert row.count == len(values)
+        assert quantile_ok(values, 0.95, row.p95)
+    # Two partials merged: encoded anew, the same bytes as encoding the merged sketch.
+    more = rng.lognormal(3, 1, 1000)
+    state = agg.new_state(parse_trend_item(_item(values, wide), Limits()), "p")
+    agg.add(state, parse_trend_item(_item(more, digest.encode(digest.from_values(more))),
+                                    Limits()), "p")
+    merged = agg.values(state)
+    everything = np.concatenate([values, more])
+    assert merged.digest == digest.encode(digest.from_values(everything))
+    assert quantile_ok(everything, 0.99, merged.p99)
+    # A t-digest (mean, weight) pairs of an earlier release: stored as a sketch.
+    pairs = np.column_stack([np.sort(values)[::40], np.full(100, 40.0)])
+    legacy = parse_trend_item(_item(values, pairs.astype("<f8").tobytes()), Limits())
+    assert legacy.sketch == b""
+    stored = agg.values(agg.new_state(legacy, "p")).digest
+    assert digest.encodes_sketch(stored)

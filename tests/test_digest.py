@@ -800,3 +800,54 @@ def test_the_gap_at_the_median_is_read_as_numpy_reads_it() -> None:
     for q in (0.49, 0.495, 0.49508, 0.4951, 0.5, 0.51):
         (estimate,) = digest.quantiles(sketch, [q], 1.65, 2.14)
         assert estimate == pytest.approx(float(np.quantile(values, q)), rel=digest.ALPHA)
+
+
+# --- the server's fast paths: a sketch as received ---------------------------------
+
+
+def _outside_by_arrays(centroids: npt.NDArray[np.float64], lo: float, hi: float) -> bool:
+    """outside() for a sketch, the way bucket_bounds computes bounds for arrays."""
+    with np.errstate(over="ignore"):  # the top bucket's bound is beyond the largest double
+        low, high = digest.bucket_bounds(centroids[[0, -1], 0])
+    return bool(high[0] < lo or low[1] > hi)
+
+
+def test_outside_of_a_sketch_agrees_with_the_array_bounds() -> None:
+    """outside() computes a sketch's two end buckets' bounds with scalars; they must
+    draw the same line as bucket_bounds over arrays, at every magnitude a double has,
+    for bounds just inside and just outside each end bucket."""
+    rng = np.random.default_rng(23)
+    magnitudes = np.concatenate([10.0 ** rng.uniform(-300, 300, 400),
+                                 [5e-324, 1e-310, 1.0, 1.7976931348623157e308]])
+    checked = 0
+    for magnitude in magnitudes.tolist():
+        for sign in (1.0, -1.0):
+            sketch = digest.from_values([sign * magnitude, sign * min(magnitude * 3.0, 1e308)])
+            with np.errstate(over="ignore"):
+                low, high = (v.tolist() for v in digest.bucket_bounds(sketch[[0, -1], 0]))
+            # Python floats: a product past the largest double is inf, without a warning.
+            # Within the bounds' margin of 1e-9 relative, far beyond a rounding's.
+            just_below_upper = high[0] - abs(high[0]) * 1e-10
+            just_above_lower = low[1] + abs(low[1]) * 1e-10
+            for lo, hi in ((low[0], high[1]), (low[0] * 1.5, high[1] / 1.5),
+                           (high[0] * (1 + 1e-6), high[1]), (low[0], low[1] / 2),
+                           (-math.inf, math.inf), (just_below_upper, math.inf),
+                           (-math.inf, just_above_lower)):
+                assert digest.outside(sketch, lo, hi, known_sketch=True) == \
+                    _outside_by_arrays(sketch, lo, hi), (sign * magnitude, lo, hi)
+                checked += 1
+    assert checked == len(magnitudes) * 2 * 7
+
+
+def test_check_of_a_decoded_sketch_finds_a_bucket_beyond_the_largest_double() -> None:
+    header = struct.Struct("<2sBBIIQ")
+    top = digest._LAST_INDEX
+    blob = (header.pack(b"\xd5\x6b", 1, 0, 0, 2, 0) + struct.pack("<ii", top - 1, top)
+            + struct.pack("<II", 1, 1))
+    blob += b"\0" if len(blob) % 16 == 0 else b""
+    centroids = digest.decode(blob)
+    assert not np.isfinite(centroids[-1, 0])
+    assert digest.check(centroids, known_sketch=True) == "non-finite centroid"
+    assert digest.check(centroids) == "non-finite centroid"
+    fine = digest.from_values([1.0, 2.0, 3.0])
+    assert digest.check(digest.decode(digest.encode(fine)), known_sketch=True) is None
