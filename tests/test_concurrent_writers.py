@@ -46,6 +46,9 @@ async def test_two_writers_racing_on_the_same_rows_lose_nothing(dsn: str) -> Non
     for store in stores:
         await store.open(connections=1)
     await stores[0].ensure_schema()
+    # New rows go by COPY into a staging table and one INSERT ... ON CONFLICT DO NOTHING:
+    # a row the other writer inserted meanwhile makes the batch retry and merge into it.
+    assert all(getattr(store, "copy_in", None) is True for store in stores)
     try:
         writers = [store.writer(TrendAggregator(), 10) for store in stores]
         rng = np.random.default_rng(4)

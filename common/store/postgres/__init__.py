@@ -147,6 +147,7 @@ class PostgresStore(Store):
         self.label = label
         self.pool: asyncpg.Pool | None = None
         self.timescaledb = False
+        self.copy_in = True  # COPY FROM STDIN works (not PGlite's WebAssembly build)
 
     async def open(self, connections: int = 3) -> None:
         try:
@@ -179,6 +180,7 @@ class PostgresStore(Store):
         with translated(self.label):
             async with self._pool().acquire() as conn:
                 self.timescaledb = await create_schema(conn, policies, self.label)
+                self.copy_in = "Emscripten" not in await conn.fetchval("SELECT version()")
 
     async def ping(self) -> None:
         with translated(self.label):
@@ -187,7 +189,8 @@ class PostgresStore(Store):
 
     def writer(self, aggregator: Aggregator[Any, Any], bucket_seconds: int,
                writer_id: str = "") -> BucketWriter:
-        return PgBucketWriter(self._pool(), self.label, aggregator, bucket_seconds, writer_id)
+        return PgBucketWriter(self._pool(), self.label, aggregator, bucket_seconds, writer_id,
+                              self.copy_in)
 
     async def record_generators(self, rows: Sequence[GeneratorRow]) -> None:
         with translated(self.label):

@@ -136,14 +136,40 @@ def insert_new_sql(table: str, value_columns: Sequence[str]) -> str:
             f"ON CONFLICT (run_id, metric, bucket, tags_hash) DO NOTHING")
 
 
+
+
 def _float8_array_text(values: Sequence[float] | None) -> str | None:
     return None if not values else "{" + ",".join(repr(float(v)) for v in values) + "}"
 
 
+def staging_sql(table: str, value_columns: Sequence[str]) -> tuple[str, str, str]:
+    """The bulk load of new rows: (the staging table's name, its CREATE, the INSERT from
+    it). The rows are COPYed into a temporary table (emptied at every commit), then
+    inserted in one statement with PostgreSQL computing tags_hash; a row another writer
+    inserted since the lookup is skipped (ON CONFLICT DO NOTHING), as in insert_new_sql."""
+    staged = f"staged_{table}"
+    columns_sql = ["bucket bigint", "bucket_seconds integer", "run_id text", "metric text",
+                   "tags text", *(f"{c} {columns.TYPES[c]}" for c in value_columns),
+                   "wal_pos bigint", "writer_pos text", "source_pos text"]
+    create = (f"CREATE TEMPORARY TABLE IF NOT EXISTS {staged} ({', '.join(columns_sql)}) "
+              "ON COMMIT DELETE ROWS")
+    values = ["to_timestamp(n.bucket)", "n.bucket_seconds", "n.run_id", "n.metric",
+              "n.tags::jsonb", TAGS_HASH.format("n.tags::jsonb")]
+    values += [{"state": "n.state::jsonb"}.get(c, f"n.{c}") for c in value_columns]
+    values += ["n.wal_pos", "n.writer_pos::jsonb", "n.source_pos::jsonb"]
+    insert = (f"INSERT INTO {table} (bucket, bucket_seconds, run_id, metric, tags, tags_hash, "
+              f"{', '.join(value_columns)}, wal_pos, writer_pos, source_pos) "
+              f"SELECT {', '.join(values)} FROM {staged} AS n "
+              "ON CONFLICT (run_id, metric, bucket, tags_hash) DO NOTHING")
+    return staged, create, insert
+
+
 class PgBucketWriter(BucketWriter):
     def __init__(self, pool: asyncpg.Pool, label: str, aggregator: Aggregator[Any, Any],
-                 bucket_seconds: int, writer_id: str = "") -> None:
+                 bucket_seconds: int, writer_id: str = "", copy_in: bool = True) -> None:
         super().__init__(aggregator, bucket_seconds, writer_id)
+        # COPY FROM STDIN, which PostgreSQL built to WebAssembly (PGlite) cannot take.
+        self.copy_in = copy_in
         self.pool = pool
         self.label = label
         self.kind = columns.table_of(aggregator.role)
@@ -154,7 +180,9 @@ class PgBucketWriter(BucketWriter):
         self.select_positions = key_lookup_sql(table, (), lock=False, writer_position=True)
 
         self._max_position = f"SELECT coalesce(max(wal_pos), 0) FROM {table}"
-        self.insert_new = insert_new_sql(table, columns.WRITTEN[self.kind])
+        self.staged, self.create_staging, self.insert_staged = staging_sql(
+            table, columns.WRITTEN[self.kind])
+        self.insert_arrays = insert_new_sql(table, columns.WRITTEN[self.kind])
         self.sum_rest_at = (5 + columns.WRITTEN[self.kind].index("sum_rest")
                             if "sum_rest" in columns.WRITTEN[self.kind] else None)
 
@@ -252,11 +280,18 @@ class PgBucketWriter(BucketWriter):
         return late
 
     async def _insert_new(self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
-        """Rows no stored row had, in one INSERT of column arrays."""
-        if self.sum_rest_at is not None:
-            at = self.sum_rest_at
-            rows = [(*row[:at], _float8_array_text(row[at]), *row[at + 1:]) for row in rows]
-        status = await conn.execute(self.insert_new, *(list(c) for c in zip(*rows, strict=True)))
+        """Rows no stored row had: COPYed into the staging table, then one INSERT (without
+        COPY: one INSERT of column arrays)."""
+        if self.copy_in:
+            await conn.execute(self.create_staging)
+            await conn.copy_records_to_table(self.staged, records=rows)
+            status = await conn.execute(self.insert_staged)
+        else:
+            if self.sum_rest_at is not None:
+                at = self.sum_rest_at
+                rows = [(*row[:at], _float8_array_text(row[at]), *row[at + 1:]) for row in rows]
+            status = await conn.execute(self.insert_arrays,
+                                        *(list(c) for c in zip(*rows, strict=True)))
         inserted = int(status.rsplit(" ", 1)[-1])
         if inserted != len(rows):
             # Another writer inserted some of these rows since the lookup: roll back, and
