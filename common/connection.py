@@ -175,6 +175,7 @@ class Connection:
         if key is None:
             assert self.hello is not None
             key = self._streams[source] = protocol.stream_key(self.hello.producer, source)
+            self.server.stream_producers[key] = self.hello.producer
         return key
 
     def handle(self, body: bytes) -> int | None:
@@ -277,6 +278,8 @@ class Connection:
             committed = server.committed_seq(producer)
         self.writer.write(protocol.welcome(server.aggregator.role,
                                            server.wal.last_seq(producer), committed))
+        if self.hello.confirm and producer in server.quarantined_for:
+            self.writer.write(server.quarantine_notice(producer))
         return True
 
 

@@ -266,6 +266,13 @@ def ack(seq: int) -> bytes:
     return frame({"type": "ack", "seq": seq})
 
 
+def quarantined(rows: int, samples: int, detail: str) -> bytes:
+    """Bucket rows holding this producer's samples that the database refused for good,
+    kept in the server's quarantine file: totals so far (a repeat replaces them).
+    ``samples``: all samples of those rows, every producer's."""
+    return frame({"type": "quarantined", "rows": rows, "samples": samples, "detail": detail})
+
+
 def stream_key(producer: str, source: str) -> str:
     """The name rows keep for a stream (a producer's frames numbered for one server)."""
     text = f"{producer}\0{source}".encode(errors="surrogatepass")

@@ -144,6 +144,10 @@ class AggregatorServer:
         # to hear once they are (protocol "committed").
         self.uncommitted: dict[str, deque[tuple[int, int]]] = {}
         self.confirming: dict[str, Connection] = {}
+        # Rows keep streams, not producers: the producer of each stream seen, so that
+        # the producers whose samples a quarantined row holds can be told (rows, samples).
+        self.stream_producers: dict[str, str] = {}
+        self.quarantined_for: dict[str, list[int]] = {}
         self.live = LiveThresholds(aggregator.role, self._push_verdicts)
         self.watchers: dict[str, set[Connection]] = {}  # run -> connections that judge it
         self.series: dict[str, set[tuple[str, Any]]] = {}
@@ -382,8 +386,9 @@ class AggregatorServer:
                 # Doubtful: while this server was away, its forwarders may have sent these
                 # frames to another server, which may have stored them.
                 source_seq = message.get("source_seq")
-                self.merge(record.run_id, record.producer, fresh, record.position,
-                           protocol.stream_key(record.producer, message.get("source") or ""),
+                stream = protocol.stream_key(record.producer, message.get("source") or "")
+                self.stream_producers[stream] = record.producer
+                self.merge(record.run_id, record.producer, fresh, record.position, stream,
                            source_seq if isinstance(source_seq, int) else record.seq,
                            doubtful=True)
         self.stats.replayed_frames = len(records)
@@ -760,6 +765,7 @@ class AggregatorServer:
             log.error("cannot write %s (%s): %d bucket rows the database refuses stay "
                       "queued", self.quarantine.path, exc, len(records))
             return set()
+        self._tell_quarantined(batch, failed, records)
         for record in records:
             self.stats.quarantined_buckets += 1
             self.stats.quarantined_samples += record["samples"]
@@ -769,6 +775,32 @@ class AggregatorServer:
                       record["bucket"], record["samples"], record["error"],
                       self.quarantine.path)
         return set(failed)
+
+    def _tell_quarantined(self, batch: dict[BucketKey, Entry[Any]],
+                          failed: dict[BucketKey, BaseException],
+                          records: list[dict[str, Any]]) -> None:
+        """Tell each producer whose samples a quarantined row holds (its forwarder counts
+        them as not stored, and exits 3)."""
+        told = set()
+        for key, record in zip(failed, records, strict=True):
+            entry = batch[key]
+            streams = set(entry.sources) | {source for source, *_ in entry.doubtful}
+            for producer in {self.stream_producers.get(s) for s in streams} - {None}:
+                assert producer is not None
+                totals = self.quarantined_for.setdefault(producer, [0, 0])
+                totals[0] += 1
+                totals[1] += record["samples"]
+                told.add(producer)
+        for producer in told:
+            conn = self.confirming.get(producer)
+            if conn is not None and not conn.writer.is_closing():
+                conn.writer.write(self.quarantine_notice(producer))
+
+    def quarantine_notice(self, producer: str) -> bytes:
+        rows, samples = self.quarantined_for[producer]
+        return protocol.quarantined(
+            rows, samples, f"the database refuses them for good; kept in "
+            f"{self.quarantine.path} (tdagg_quarantined_rows_total on /metrics)")
 
     def _forget_idle_runs(self) -> None:
         """The series cap is per run; a run silent for RUN_IDLE_SECONDS drops its set."""

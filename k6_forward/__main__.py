@@ -59,11 +59,14 @@ EPILOG = """\
 Trend metrics go to td-server as t-digest partials; counters, gauges and rates go to
 non-td-server as sums. A bucket's partial is sent once event time (the k6 timestamps)
 has moved LOCAL_GRACE seconds past its end, when input has been idle for 2 s, and at end
-of input; stragglers are sent as further partials. The forwarder exits 0 once both
-servers have acknowledged everything it read.
+of input; stragglers are sent as further partials. The forwarder exits 0 once the
+servers say everything it read is in the database (at most --commit-timeout after they
+have logged it all).
 
-It never drops data. Every frame is kept until a server acknowledges it and is resent
-after a reconnect (capped exponential backoff); the servers drop duplicates. While a
+It never drops data. Every frame is kept until its server says it is in the database,
+not only in its log: it is resent after a reconnect (capped exponential backoff), and
+to the next server of the role after a failover, so a server whose disk is lost loses
+nothing; the servers and the rows drop duplicates. While a
 server is away, frames are held in memory up to --max-unacked-bytes, then in a spool
 file up to --max-spool-bytes; when both are full it stops reading its input and k6
 waits on the pipe. Lines it cannot use (not JSON, unknown metric type, a point before
@@ -95,8 +98,9 @@ script error, 105 for an interrupted test, ...):
   0    every sample read was stored and every global threshold passed
   1    an error stopped it (input unreadable, a server refused this forwarder)
   2    bad configuration, or a malformed --threshold
-  3    it ran to the end, but some lines were lost or some samples refused by the
-       servers: the last line says how many, and why
+  3    it ran to the end, but some lines were lost, some samples refused by the
+       servers, or bucket rows holding its samples refused by the database (kept in a
+       server's quarantine file): the last line says how many, and why
   4    no final global verdict within --verdict-timeout (a generator had not ended)
   99   a global threshold failed (over all generators), as k6 run
 """
@@ -314,10 +318,15 @@ class Forwarder:
         return self.td.refused_samples + self.non_td.refused_samples
 
     @property
+    def quarantined_rows(self) -> int:
+        return self.td.quarantined_rows + self.non_td.quarantined_rows
+
+    @property
     def complete(self) -> bool:
-        """Every line was used or harmless, and the servers took every sample."""
+        """Every line was used or harmless, and the servers stored every sample."""
         return not self.lines.skipped and not self.refused_samples \
-            and not (self.td.refused_items + self.non_td.refused_items)
+            and not (self.td.refused_items + self.non_td.refused_items) \
+            and not self.quarantined_rows
 
     def summary(self) -> str:
         lines = self.lines
@@ -333,6 +342,9 @@ class Forwarder:
         if lines.tags_shortened:
             text += (f"; {lines.tags_shortened} tag values longer than "
                      f"{lines.limits.max_tag_length} characters shortened")
+        if self.quarantined_rows:
+            text += (f"; {self.quarantined_rows} bucket rows holding some of them refused by "
+                     "the database and quarantined by the servers")
         return text + f"; {self.items_sent} partials acknowledged"
 
 

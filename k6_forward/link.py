@@ -115,6 +115,10 @@ class ServerLink:
         # Samples the server refused, by reason: items refused alone, and whole frames.
         self.refused_samples: Counter[str] = Counter()
         self.refused_items: Counter[str] = Counter()
+        # Bucket rows holding this forwarder's samples that the server's database refused
+        # for good (kept in the server's quarantine file), and all samples in them.
+        self.quarantined_rows = 0
+        self.quarantined_samples = 0
         self.fatal: str | None = None
         # Secret proof that this forwarder owns its producer id (never printed).
         self.producer_key = secrets.token_hex(16)
@@ -593,6 +597,8 @@ class ServerLink:
             elif kind == "verdicts":
                 if self.on_verdicts is not None:
                     self.on_verdicts(message)
+            elif kind == "quarantined":
+                self._quarantined(message)
             else:
                 raise _ProtocolViolation(f"unexpected {kind!r} frame from the server")
 
@@ -604,6 +610,16 @@ class ServerLink:
                      "further refusals for this reason are counted, not printed")
         if isinstance(seq, int):
             self._on_refused(seq, reason)
+
+    def _quarantined(self, message: dict[str, Any]) -> None:
+        rows, samples = message.get("rows"), message.get("samples")
+        if not (isinstance(rows, int) and isinstance(samples, int)):
+            raise _ProtocolViolation(f"quarantined with rows {rows!r}, samples {samples!r}")
+        if rows > self.quarantined_rows:
+            self.quarantined_rows, self.quarantined_samples = rows, samples
+            self.say(f"{rows} bucket rows holding samples of this forwarder are not "
+                     f"stored ({samples} samples in them, over all generators): "
+                     f"{message.get('detail')}")
 
     def _items_refused(self, seq: object, refusals: list[Any]) -> None:
         """Some items of frame ``seq`` were refused; the rest is kept (and acked)."""

@@ -103,6 +103,10 @@ class ServerGroup:
         return sum(link.unacked_frames for link in self.links)
 
     @property
+    def quarantined_rows(self) -> int:
+        return sum(link.quarantined_rows for link in self.links)
+
+    @property
     def refused_samples(self) -> Counter[str]:
         return sum((link.refused_samples for link in self.links), Counter())
 

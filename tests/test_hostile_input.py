@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import struct
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -356,3 +357,39 @@ async def test_state_files_are_private(dsn: str, tmp_path: Path, role: str) -> N
     files = [p for p in state.iterdir() if p.is_file()]
     assert files
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o600 for p in files}
+
+
+async def test_a_forwarder_whose_samples_a_quarantined_row_holds_exits_3(
+        dsn: str, tmp_path: Path) -> None:
+    """A real k6-forward: the database refuses the row of one series for good; the
+    server quarantines it and tells the forwarders whose samples it holds, which say so
+    and exit 3 (not every sample read was stored). The other rows are stored."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - 120)) + "Z"
+    lines = ['{"type":"Metric","metric":"orders","data":{"name":"orders","type":"counter",'
+             '"contains":"default"}}']
+    for name, count in (("evil", 3), ("fine", 4)):
+        lines += [f'{{"type":"Point","metric":"orders","data":{{"time":"{stamp}","value":1,'
+                  f'"tags":{{"name":"{name}"}}}}}}'] * count
+    stream = tmp_path / "stream.json"
+    stream.write_text("\n".join(lines) + "\n")
+    async with (run_server(dsn, tmp_path, TD, grace=0) as td,
+                run_server(dsn, tmp_path, NON_TD, grace=0) as non_td):
+        await fetch(dsn, "ALTER TABLE counter_buckets ADD CONSTRAINT no_evil "
+                         "CHECK (tags->>'name' <> 'evil')")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "k6_forward", "--run-id", "quarantine", "--td",
+            f"{td.address[0]}:{td.address[1]}", "--non-td",
+            f"{non_td.address[0]}:{non_td.address[1]}", "--commit-timeout", "30",
+            str(stream), stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        text = err.decode()
+        assert process.returncode == 3, text
+        assert non_td.stats.quarantined_buckets == 1
+    assert "1 bucket rows holding samples of this forwarder are not stored (3 samples" in text
+    assert "1 bucket rows holding some of them refused by the database" in text
+    assert "not every sample read was stored" in text
+    rows = await fetch(dsn, "SELECT tags->>'name' AS name, count FROM counter_buckets "
+                            "WHERE run_id = 'quarantine'")
+    assert {r["name"]: r["count"] for r in rows} == {"fine": 4}
