@@ -50,10 +50,12 @@ async def run_pipeline(dsn: str, tmp_path: Path, generators: int, run_id: str,
     return raws
 
 
-async def check_two_generators(store: Store, run_id: str, raws: list[Path]) -> None:
+async def check_two_generators(store: Store, run_id: str, raws: list[Path]
+                               ) -> dict[str, int]:
     """Every stored row of the run against the raw k6 streams: one row per (metric,
     tags, bucket) sent, counts, min, max, sums and zeros exact, percentiles within the
-    accuracy criterion, counters, rates and gauges exact."""
+    accuracy criterion, counters, rates and gauges exact. Returns what was checked: rows
+    and samples of each table, and the merged series-buckets held to the criterion."""
     kinds: dict[str, str] = {}
     by_source = {}
     for raw in raws:
@@ -118,6 +120,11 @@ async def check_two_generators(store: Store, run_id: str, raws: list[Path]) -> N
             last_per_generator = [max(pts)[1] for pts in sources.values()]
             assert counter.value == sum(last_per_generator), key
     assert {kinds[k[0]] for k in counter_rows} == {"counter", "gauge", "rate"}
+    return {"trend_rows": len(trend_rows),
+            "trend_samples": sum(r.count for r in trend_rows.values()),  # type: ignore[union-attr]
+            "counter_rows": len(counter_rows),
+            "counter_samples": sum(r.count for r in counter_rows.values()),  # type: ignore[union-attr]
+            "quantile_checked_buckets": checked_big}
 
 
 def row_key(row: StoredRow) -> tuple[Any, ...]:

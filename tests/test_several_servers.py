@@ -148,11 +148,11 @@ async def writers_per_row(dsn: str, table: str, run_id: str) -> list[list[str]]:
     return [sorted(row[0]) for row in rows]
 
 
-async def check(dsn: str, run_id: str, raws: list[Path]) -> None:
+async def check(dsn: str, run_id: str, raws: list[Path]) -> dict[str, int]:
     store = open_store(dsn)
     await store.open(connections=1)
     try:
-        await check_two_generators(store, run_id, raws)
+        return await check_two_generators(store, run_id, raws)
     finally:
         await store.close()
 
@@ -249,9 +249,13 @@ async def test_servers_fail_over_lose_their_disk_and_return(dsn: str, tmp_path: 
         logs = "\n".join([err for _, err in results]
                          + [s.log() for s in [*tds, *non_tds, killed, *lost]])
     try:
-        await check(dsn, "failover", raws)
+        figures = await check(dsn, "failover", raws)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{logs}") from None
+    moved = [int(n) for n in re.findall(r"with the (\d+) partials of the \d+ frames it had "
+                                        r"not stored", "\n".join(err for _, err in results))]
+    print(f"failover and disk loss, all exact against k6's raw streams: {figures}; "
+          f"partials moved from each failed-over server by each forwarder: {moved}")
     assert returned["td_server"] == ids["td_server"][1]  # killed: the same log
     assert returned["non_td_server"] not in ids["non_td_server"]  # wiped: a new one
     for module, table in (("td_server", "trend_buckets"), ("non_td_server", "counter_buckets")):
