@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -166,11 +166,17 @@ class ServerGroup:
             await self.links[0].send_items(list(items))
             return
         usable, moved = self._check()
-        self._routing += 1  # until a link holds them, the items are only here
-        try:
+        with self._in_flight():
             await self._move(moved, usable)
             for index, batch in self._batches(items, usable).items():
                 await self.links[index].send_items(batch)
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Until a link holds them, items are only here: wait_acked waits for them."""
+        self._routing += 1
+        try:
+            yield
         finally:
             self._routing -= 1
 
@@ -197,11 +203,8 @@ class ServerGroup:
             await asyncio.sleep(WATCH_EVERY)
             usable, moved = self._check()
             if moved:
-                self._routing += 1
-                try:
+                with self._in_flight():
                     await self._move(moved, usable)
-                finally:
-                    self._routing -= 1
 
     def _check(self) -> tuple[set[int], list[tuple[str, int, list[list[Any]]]]]:
         """The servers not failed over, and the frames a server failed over now had not
